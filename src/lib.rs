@@ -1,1 +1,34 @@
-//! placeholder
+//! ringpush: a thread-per-core push appliance.
+//!
+//! Module map:
+//! - [`server`]: process boot: listeners (SO_REUSEPORT), channel mesh, one pinned
+//!   glommio executor per shard, signal handling.
+//! - [`shard`]: what one shard owns (state, scratch buffers, channel ends) and how it
+//!   handles cross-shard requests, timers and shutdown.
+//! - [`session`]: device connections: handshake, hand-over to the owner shard, the
+//!   session loop (acks, pings, message writes).
+//! - [`ingress`]: app connections: auth, pipelined pushes split by owner shard, replies.
+//! - [`devices`]: the sans-IO device table: queues, seqs, acks, TTL expiry, receipts.
+//! - [`routing`]: `shard_for(app, device)`, jump consistent hash with golden vectors.
+//! - [`timer`]: the hashed timer wheel behind heartbeats and expiry.
+//! - [`client`]: device and app clients on glommio (CLI, tests, load generator).
+//! - [`config`], [`duration`], [`clock`]: settings with defaults, `30s`-style
+//!   durations, injected time.
+//! - [`cli`]: the `ringpush` command line.
+//!
+//! The wire protocols live in the `ringpush-protocol` crate (sans-IO).
+
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod devices;
+pub mod duration;
+pub mod ingress;
+pub mod routing;
+pub mod server;
+pub mod session;
+pub mod shard;
+pub mod timer;
+
+pub use ringpush_protocol as protocol;

@@ -1,0 +1,316 @@
+//! The `ringpush` command line: `serve`, `token`, `device`, `push`.
+//! Every setting has a default, so `ringpush serve` runs a working box with no file.
+
+use crate::client::{
+    unix_ms, AppClient, ClientError, DeviceClient, DeviceEvent, PushOutcome, PushTarget,
+};
+use crate::config::Config;
+use crate::duration;
+use clap::{Args, Parser, Subcommand};
+use ringpush_protocol::DeviceToken;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "ringpush", version, about = "A thread-per-core push appliance")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a push box (defaults: devices on :7000, apps on :7100, data in ./ringpush-data).
+    Serve(ServeArgs),
+    /// Print a device token for an app secret.
+    Token(TokenArgs),
+    /// Connect as a device and print each payload received, one per line.
+    Device(DeviceArgs),
+    /// Push a message to one device, a list of devices, or every device of an app.
+    Push(PushArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML config file; flags override its keys.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub device_listen: Option<SocketAddr>,
+    #[arg(long)]
+    pub app_listen: Option<SocketAddr>,
+    /// Number of shards (0: one per CPU in the affinity mask).
+    #[arg(long)]
+    pub shards: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    #[arg(long)]
+    pub app: String,
+    #[arg(long)]
+    pub secret: String,
+    #[arg(long)]
+    pub device: String,
+    /// How long the token is valid, e.g. 30d.
+    #[arg(long, default_value = "30d", value_parser = duration::parse)]
+    pub ttl: Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct DeviceArgs {
+    /// Device port of the box, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    pub server: String,
+    #[arg(long)]
+    pub app: String,
+    #[arg(long)]
+    pub device: String,
+    /// Device token (80 hex digits).
+    #[arg(long, conflicts_with = "secret", required_unless_present = "secret")]
+    pub token: Option<String>,
+    /// App secret, to mint a token locally instead.
+    #[arg(long)]
+    pub secret: Option<String>,
+    /// Print JSON lines with seq, push id and timing instead of bare payloads.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit after this many messages (default: run until interrupted).
+    #[arg(long)]
+    pub count: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// App port of the box, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    pub server: String,
+    #[arg(long)]
+    pub app: String,
+    #[arg(long)]
+    pub secret: String,
+    /// Target device; repeat for a multicast.
+    #[arg(
+        long = "device",
+        conflicts_with = "all",
+        required_unless_present = "all"
+    )]
+    pub devices: Vec<String>,
+    /// Broadcast to every device of the app.
+    #[arg(long)]
+    pub all: bool,
+    /// How long the message may wait for an offline device (default: the server's).
+    #[arg(long, value_parser = duration::parse)]
+    pub ttl: Option<Duration>,
+    pub payload: String,
+}
+
+/// Runs the command; returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    let result = match cli.command {
+        Command::Serve(a) => serve(a),
+        Command::Token(a) => {
+            let expiry = unix_ms() / 1000 + a.ttl.as_secs();
+            println!(
+                "{}",
+                DeviceToken::mint(a.secret.as_bytes(), &a.app, &a.device, expiry).to_hex()
+            );
+            Ok(())
+        }
+        Command::Device(a) => on_executor(device(a)),
+        Command::Push(a) => on_executor(push(a)),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("ringpush: {e}");
+            1
+        }
+    }
+}
+
+fn on_executor<F: std::future::Future<Output = Result<(), String>> + 'static>(
+    f: F,
+) -> Result<(), String> {
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .make()
+        .map_err(|e| format!("cannot start the executor: {e}"))?
+        .run(f)
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn serve(a: ServeArgs) -> Result<(), String> {
+    init_logging();
+    let mut cfg = match &a.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    if let Some(v) = a.data_dir {
+        cfg.data_dir = v;
+    }
+    if let Some(v) = a.device_listen {
+        cfg.device_listen = v;
+    }
+    if let Some(v) = a.app_listen {
+        cfg.app_listen = v;
+    }
+    if let Some(v) = a.shards {
+        cfg.shards = v;
+    }
+    if let Some(secret) = cfg.ensure_demo_app()? {
+        tracing::info!(
+            "app \"demo\" secret: {secret} (kept in {})",
+            cfg.data_dir.join("demo.secret").display()
+        );
+    }
+    cfg.validate()?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&shutdown))
+            .map_err(|e| format!("cannot handle signals: {e}"))?;
+    }
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        "starting ringpush"
+    );
+    crate::server::run(cfg, shutdown, |r| {
+        tracing::info!(shards = r.shards, cpus = ?r.cpus, device = %r.device_addr, app = %r.app_addr, "ready");
+        println!(
+            "ringpush ready device={} app={} shards={}",
+            r.device_addr, r.app_addr, r.shards
+        );
+        let _ = std::io::stdout().flush();
+    })?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn device(a: DeviceArgs) -> Result<(), String> {
+    let token = match (&a.token, &a.secret) {
+        (Some(t), _) => DeviceToken::from_hex(t).map_err(|e| e.to_string())?,
+        (None, Some(s)) => {
+            DeviceToken::mint(s.as_bytes(), &a.app, &a.device, unix_ms() / 1000 + 86_400)
+        }
+        (None, None) => return Err("give --token or --secret".into()),
+    };
+    let mut last_acked = 0u64;
+    let mut received = 0u64;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut dev =
+            match DeviceClient::connect(a.server.as_str(), &a.app, &a.device, token, last_acked)
+                .await
+            {
+                Ok(d) => d,
+                Err(ClientError::Server { code, message }) => {
+                    return Err(format!("server refused: {code}: {message}"))
+                }
+                Err(e) => {
+                    eprintln!("ringpush: connect failed ({e}); retrying in {backoff:?}");
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            };
+        backoff = Duration::from_millis(100);
+        last_acked = last_acked.max(dev.welcome.acked_seq);
+        let heartbeat = Duration::from_millis(dev.welcome.heartbeat_ms as u64);
+        loop {
+            let ev = glommio::timer::timeout(heartbeat, async { Ok(dev.next_event().await) }).await;
+            let ev = match ev {
+                Err(_) => {
+                    // Idle for a heartbeat interval: tell the server we are alive.
+                    if dev.ping(unix_ms()).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    eprintln!("ringpush: connection lost ({e}); reconnecting");
+                    break;
+                }
+                Ok(Ok(ev)) => ev,
+            };
+            match ev {
+                DeviceEvent::Message(m) => {
+                    if m.seq <= last_acked {
+                        continue; // a redelivery we already printed
+                    }
+                    last_acked = m.seq;
+                    received += 1;
+                    let mut out = std::io::stdout().lock();
+                    if a.json {
+                        let line = serde_json::json!({
+                            "seq": m.seq, "push_id": m.push_id, "expiry_ms": m.expiry_ms,
+                            "received_ms": unix_ms(), "payload": String::from_utf8_lossy(&m.payload),
+                        });
+                        let _ = writeln!(out, "{line}");
+                    } else {
+                        let _ = writeln!(out, "{}", String::from_utf8_lossy(&m.payload));
+                    }
+                    let _ = out.flush();
+                    // Coalesce: ack once per burst of buffered messages.
+                    if !dev.has_buffered_frame() && dev.ack(last_acked).await.is_err() {
+                        break;
+                    }
+                    if a.count.is_some_and(|c| received >= c) {
+                        let _ = dev.ack(last_acked).await;
+                        let _ = dev.close().await;
+                        return Ok(());
+                    }
+                }
+                DeviceEvent::Pong(_) => {}
+                DeviceEvent::Bye(reason, redirect) => {
+                    eprintln!("ringpush: server said BYE ({reason}) {redirect}");
+                    break;
+                }
+            }
+        }
+        glommio::timer::sleep(backoff).await;
+    }
+}
+
+async fn push(a: PushArgs) -> Result<(), String> {
+    let mut app = AppClient::connect(a.server.as_str(), &a.app, a.secret.as_bytes())
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", a.server))?;
+    let ttl = a
+        .ttl
+        .map_or(0, |d| d.as_secs().clamp(1, u32::MAX as u64) as u32);
+    let target = match (a.all, a.devices.len()) {
+        (true, _) => PushTarget::App,
+        (false, 1) => PushTarget::Device(&a.devices[0]),
+        (false, _) => PushTarget::List(&a.devices),
+    };
+    match app
+        .push(target, ttl, a.payload.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        PushOutcome::Accepted(id) => {
+            println!("{id}");
+            Ok(())
+        }
+        PushOutcome::Rejected(code, reason) => Err(format!("push rejected: {code}: {reason}")),
+        PushOutcome::Busy(ms) => Err(format!("server busy, retry after {ms} ms")),
+    }
+}

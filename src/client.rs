@@ -1,0 +1,531 @@
+//! Client library: a device client and an app client, async on glommio.
+//!
+//! Used by the CLI (`ringpush device`, `ringpush push`), the black-box tests and the
+//! load generator; app teams on glommio can use it as is, and teams on other runtimes
+//! use the sans-IO `ringpush-protocol` crate the same way this module does.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), ringpush::client::ClientError> {
+//! use ringpush::client::{AppClient, DeviceClient, DeviceEvent, PushOutcome, PushTarget};
+//! let mut app = AppClient::connect("127.0.0.1:7100", "demo", b"app-secret-0123456").await?;
+//! let token = app.mint_token("phone-1", 86_400);
+//! let mut dev = DeviceClient::connect("127.0.0.1:7000", "demo", "phone-1", token, 0).await?;
+//! let PushOutcome::Accepted(push_id) = app.push(PushTarget::Device("phone-1"), 0, b"hi").await? else {
+//!     panic!("not accepted")
+//! };
+//! if let DeviceEvent::Message(m) = dev.next_event().await? {
+//!     assert_eq!(m.push_id, push_id);
+//!     dev.ack(m.seq).await?;
+//! }
+//! # Ok(()) }
+//! ```
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use ringpush_protocol::app::{encode_push_list, AppFrame, Auth, Push, Target};
+use ringpush_protocol::device::{Ack, DeviceFrame, Hello, Welcome};
+use ringpush_protocol::{
+    token, DecodeError, DeviceToken, ErrorCode, Limits, Preamble, Receipt, Role, PREAMBLE_LEN,
+};
+use std::fmt;
+use std::net::ToSocketAddrs;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Why a client call failed.
+#[derive(Debug)]
+pub enum ClientError {
+    Io(std::io::Error),
+    /// The server sent ERROR (or BYE) with this code and reason.
+    Server {
+        code: ErrorCode,
+        message: String,
+    },
+    /// The server's bytes did not decode.
+    Protocol(DecodeError),
+    /// The connection closed.
+    Closed,
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Io(e) => write!(f, "i/o error: {e}"),
+            ClientError::Server { code, message } => write!(f, "server error {code}: {message}"),
+            ClientError::Protocol(e) => write!(f, "protocol error: {e}"),
+            ClientError::Closed => f.write_str("connection closed"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        ClientError::Io(e)
+    }
+}
+
+impl From<glommio::GlommioError<()>> for ClientError {
+    fn from(e: glommio::GlommioError<()>) -> Self {
+        ClientError::Io(e.into())
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A byte stream with a receive buffer and frame decoding.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    limits: Limits,
+}
+
+impl Conn {
+    async fn open(addr: impl ToSocketAddrs, role: Role, first: &[u8]) -> Result<Conn, ClientError> {
+        let addr = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))?;
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let mut hello = Preamble::client(role).encode().to_vec();
+        hello.extend_from_slice(first);
+        stream.write_all(&hello).await?;
+        let mut c = Conn {
+            stream,
+            buf: Vec::with_capacity(4096),
+            start: 0,
+            limits: Limits {
+                max_frame: ringpush_protocol::wire::MAX_FRAME_CEILING,
+                max_targets: u16::MAX,
+            },
+        };
+        while c.buf.len() < PREAMBLE_LEN {
+            c.fill().await?;
+        }
+        match Preamble::decode(&c.buf[..PREAMBLE_LEN]) {
+            Ok(Some(_)) => c.start = PREAMBLE_LEN,
+            // No preamble: the server rejected ours and sent a bare ERROR frame.
+            Err(_) => {}
+            Ok(None) => unreachable!("8 bytes are a whole preamble"),
+        }
+        Ok(c)
+    }
+
+    async fn fill(&mut self) -> Result<(), ClientError> {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        let len = self.buf.len();
+        self.buf.resize(len + 16 * 1024, 0);
+        let n = self.stream.read(&mut self.buf[len..]).await;
+        self.buf.truncate(len + *n.as_ref().unwrap_or(&0));
+        match n? {
+            0 => Err(ClientError::Closed),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits for the next whole frame; returns its byte range in `buf`.
+    async fn frame(
+        &mut self,
+        decode: fn(&[u8], &Limits) -> Result<Option<usize>, DecodeError>,
+    ) -> Result<(usize, usize), ClientError> {
+        loop {
+            match decode(&self.buf[self.start..], &self.limits).map_err(ClientError::Protocol)? {
+                Some(n) => {
+                    let s = self.start;
+                    self.start += n;
+                    return Ok((s, s + n));
+                }
+                None => self.fill().await?,
+            }
+        }
+    }
+}
+
+fn device_len(b: &[u8], l: &Limits) -> Result<Option<usize>, DecodeError> {
+    DeviceFrame::decode(b, l).map(|o| o.map(|(_, n)| n))
+}
+
+fn app_len(b: &[u8], l: &Limits) -> Result<Option<usize>, DecodeError> {
+    AppFrame::decode(b, l).map(|o| o.map(|(_, n)| n))
+}
+
+/// A message received by a device, owned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    pub seq: u64,
+    pub push_id: u64,
+    pub expiry_ms: u64,
+    pub broadcast: bool,
+    pub payload: Vec<u8>,
+}
+
+/// What a device connection produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceEvent {
+    Message(Received),
+    Pong(u64),
+    /// The server closed the session (reason, redirect).
+    Bye(ErrorCode, String),
+}
+
+/// A device connection.
+pub struct DeviceClient {
+    conn: Conn,
+    pub welcome: Welcome,
+    out: Vec<u8>,
+}
+
+impl DeviceClient {
+    /// Connects, sends HELLO and waits for WELCOME. `last_acked` is the highest seq
+    /// this device has processed (0 on first start).
+    pub async fn connect(
+        addr: impl ToSocketAddrs,
+        app: &str,
+        device: &str,
+        token: DeviceToken,
+        last_acked: u64,
+    ) -> Result<DeviceClient, ClientError> {
+        let mut hello = Vec::with_capacity(256);
+        DeviceFrame::Hello(Hello {
+            app_id: app,
+            device_id: device,
+            token: token.0,
+            last_acked_seq: last_acked,
+            broadcast_cursor: 0,
+            capabilities: 0,
+        })
+        .encode(&mut hello);
+        let mut conn = Conn::open(addr, Role::Device, &hello).await?;
+        let (a, b) = conn.frame(device_len).await?;
+        let welcome = match DeviceFrame::decode(&conn.buf[a..b], &conn.limits)
+            .map_err(ClientError::Protocol)?
+        {
+            Some((DeviceFrame::Welcome(w), _)) => w,
+            Some((DeviceFrame::Error(e), _)) => {
+                return Err(ClientError::Server {
+                    code: e.code,
+                    message: e.message.into(),
+                })
+            }
+            Some((f, _)) => {
+                return Err(ClientError::Server {
+                    code: ErrorCode::UNEXPECTED_FRAME,
+                    message: format!("expected WELCOME, got {f:?}"),
+                })
+            }
+            None => unreachable!("frame() returns whole frames"),
+        };
+        Ok(DeviceClient {
+            conn,
+            welcome,
+            out: Vec::with_capacity(64),
+        })
+    }
+
+    /// The next message, PONG or BYE. PINGs from the server are answered here.
+    pub async fn next_event(&mut self) -> Result<DeviceEvent, ClientError> {
+        loop {
+            let (a, b) = self.conn.frame(device_len).await?;
+            let frame = DeviceFrame::decode(&self.conn.buf[a..b], &self.conn.limits)
+                .map_err(ClientError::Protocol)?
+                .expect("whole frame")
+                .0;
+            match frame {
+                DeviceFrame::Message(m) => {
+                    return Ok(DeviceEvent::Message(Received {
+                        seq: m.seq,
+                        push_id: m.push_id,
+                        expiry_ms: m.expiry_ms,
+                        broadcast: m.flags & ringpush_protocol::device::FLAG_BROADCAST != 0,
+                        payload: m.payload.to_vec(),
+                    }))
+                }
+                DeviceFrame::Pong(n) => return Ok(DeviceEvent::Pong(n)),
+                DeviceFrame::Bye(b) => {
+                    return Ok(DeviceEvent::Bye(b.reason, b.redirect.to_string()))
+                }
+                DeviceFrame::Error(e) => {
+                    return Err(ClientError::Server {
+                        code: e.code,
+                        message: e.message.into(),
+                    })
+                }
+                DeviceFrame::Ping(n) => {
+                    let mut o = Vec::new();
+                    DeviceFrame::Pong(n).encode(&mut o);
+                    self.conn.stream.write_all(&o).await?;
+                }
+                other => {
+                    return Err(ClientError::Server {
+                        code: ErrorCode::UNEXPECTED_FRAME,
+                        message: format!("unexpected {other:?}"),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Whether a whole frame is already buffered (so `next_event` will not wait).
+    pub fn has_buffered_frame(&self) -> bool {
+        matches!(
+            device_len(&self.conn.buf[self.conn.start..], &self.conn.limits),
+            Ok(Some(_))
+        )
+    }
+
+    /// Cumulative ACK of every message with seq ≤ `seq`.
+    pub async fn ack(&mut self, seq: u64) -> Result<(), ClientError> {
+        self.send(DeviceFrame::Ack(Ack {
+            seq,
+            broadcast_seq: 0,
+        }))
+        .await
+    }
+
+    pub async fn ping(&mut self, nonce: u64) -> Result<(), ClientError> {
+        self.send(DeviceFrame::Ping(nonce)).await
+    }
+
+    /// Sends raw bytes (tests use this to send malformed input).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        Ok(self.conn.stream.write_all(bytes).await?)
+    }
+
+    async fn send(&mut self, f: DeviceFrame<'_>) -> Result<(), ClientError> {
+        self.out.clear();
+        f.encode(&mut self.out);
+        Ok(self.conn.stream.write_all(&self.out).await?)
+    }
+
+    /// Says BYE and closes.
+    pub async fn close(mut self) -> Result<(), ClientError> {
+        self.send(DeviceFrame::Bye(ringpush_protocol::Bye {
+            reason: ErrorCode::OK,
+            redirect: "",
+        }))
+        .await?;
+        self.conn.stream.close().await?;
+        Ok(())
+    }
+}
+
+/// Who a push goes to (client side).
+#[derive(Clone, Copy, Debug)]
+pub enum PushTarget<'a> {
+    Device(&'a str),
+    List(&'a [String]),
+    App,
+}
+
+/// The server's answer to one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PushOutcome {
+    Accepted(u64),
+    Rejected(ErrorCode, String),
+    Busy(u32),
+}
+
+/// A reply read from an app connection, with the request id it answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AppReply {
+    Push(u64, PushOutcome),
+    Receipt(Receipt),
+    Pong(u64),
+}
+
+/// An authenticated app connection. Requests may be pipelined: queue them with
+/// [`AppClient::queue_push`], send with [`AppClient::flush`], read replies with
+/// [`AppClient::next_reply`] (in any order, matched by request id).
+pub struct AppClient {
+    conn: Conn,
+    out: Vec<u8>,
+    next_request: u64,
+    app: String,
+    secret: Vec<u8>,
+    pub limits: Limits,
+}
+
+impl AppClient {
+    pub async fn connect(
+        addr: impl ToSocketAddrs,
+        app: &str,
+        secret: &[u8],
+    ) -> Result<AppClient, ClientError> {
+        let ts = unix_ms();
+        let mut auth = Vec::with_capacity(128);
+        AppFrame::Auth(Auth {
+            app_id: app,
+            timestamp_ms: ts,
+            proof: token::auth_proof(secret, app, ts),
+        })
+        .encode(&mut auth);
+        let mut conn = Conn::open(addr, Role::App, &auth).await?;
+        let (a, b) = conn.frame(app_len).await?;
+        let limits =
+            match AppFrame::decode(&conn.buf[a..b], &conn.limits).map_err(ClientError::Protocol)? {
+                Some((AppFrame::AuthOk(ok), _)) => Limits {
+                    max_frame: ok.max_frame,
+                    max_targets: ok.max_targets,
+                },
+                Some((AppFrame::Error(e), _)) => {
+                    return Err(ClientError::Server {
+                        code: e.code,
+                        message: e.message.into(),
+                    })
+                }
+                other => {
+                    return Err(ClientError::Server {
+                        code: ErrorCode::UNEXPECTED_FRAME,
+                        message: format!("expected AUTH_OK, got {other:?}"),
+                    })
+                }
+            };
+        Ok(AppClient {
+            conn,
+            out: Vec::with_capacity(64 * 1024),
+            next_request: 1,
+            app: app.to_string(),
+            secret: secret.to_vec(),
+            limits,
+        })
+    }
+
+    /// Mints a device token for this app, valid for `ttl_secs`.
+    pub fn mint_token(&self, device: &str, ttl_secs: u64) -> DeviceToken {
+        DeviceToken::mint(&self.secret, &self.app, device, unix_ms() / 1000 + ttl_secs)
+    }
+
+    /// Queues a PUSH (not sent until [`AppClient::flush`]); returns its request id.
+    pub fn queue_push(&mut self, target: PushTarget<'_>, ttl_secs: u32, payload: &[u8]) -> u64 {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        match target {
+            PushTarget::Device(d) => AppFrame::Push(Push {
+                request_id,
+                ttl_secs,
+                flags: 0,
+                target: Target::Device(d),
+                payload,
+            })
+            .encode(&mut self.out),
+            PushTarget::List(l) => {
+                encode_push_list(&mut self.out, request_id, ttl_secs, l, payload)
+            }
+            PushTarget::App => AppFrame::Push(Push {
+                request_id,
+                ttl_secs,
+                flags: 0,
+                target: Target::App,
+                payload,
+            })
+            .encode(&mut self.out),
+        }
+        request_id
+    }
+
+    /// Queues a RECEIPT query; returns its request id.
+    pub fn queue_receipt(&mut self, push_id: u64) -> u64 {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        AppFrame::ReceiptQuery {
+            request_id,
+            push_id,
+        }
+        .encode(&mut self.out);
+        request_id
+    }
+
+    /// Queues raw bytes (tests use this to send malformed requests).
+    pub fn queue_raw(&mut self, bytes: &[u8]) {
+        self.out.extend_from_slice(bytes);
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ClientError> {
+        if !self.out.is_empty() {
+            self.conn.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// The next reply. ERROR from the server is returned as `Err`.
+    pub async fn next_reply(&mut self) -> Result<AppReply, ClientError> {
+        let (a, b) = self.conn.frame(app_len).await?;
+        let frame = AppFrame::decode(&self.conn.buf[a..b], &self.conn.limits)
+            .map_err(ClientError::Protocol)?
+            .expect("whole frame")
+            .0;
+        Ok(match frame {
+            AppFrame::Accepted {
+                request_id,
+                push_id,
+            } => AppReply::Push(request_id, PushOutcome::Accepted(push_id)),
+            AppFrame::Rejected(r) => {
+                AppReply::Push(r.request_id, PushOutcome::Rejected(r.code, r.reason.into()))
+            }
+            AppFrame::Busy {
+                request_id,
+                retry_after_ms,
+            } => AppReply::Push(request_id, PushOutcome::Busy(retry_after_ms)),
+            AppFrame::Receipt(r) => AppReply::Receipt(r),
+            AppFrame::Pong(n) => AppReply::Pong(n),
+            AppFrame::Error(e) => {
+                return Err(ClientError::Server {
+                    code: e.code,
+                    message: e.message.into(),
+                })
+            }
+            other => {
+                return Err(ClientError::Server {
+                    code: ErrorCode::UNEXPECTED_FRAME,
+                    message: format!("unexpected {other:?}"),
+                })
+            }
+        })
+    }
+
+    /// Pushes and waits for the answer (no other requests may be in flight).
+    pub async fn push(
+        &mut self,
+        target: PushTarget<'_>,
+        ttl_secs: u32,
+        payload: &[u8],
+    ) -> Result<PushOutcome, ClientError> {
+        let id = self.queue_push(target, ttl_secs, payload);
+        self.flush().await?;
+        match self.next_reply().await? {
+            AppReply::Push(r, outcome) if r == id => Ok(outcome),
+            other => Err(ClientError::Server {
+                code: ErrorCode::UNEXPECTED_FRAME,
+                message: format!("reply for another request: {other:?}"),
+            }),
+        }
+    }
+
+    /// Asks for a push's delivery counts.
+    pub async fn receipt(
+        &mut self,
+        push_id: u64,
+    ) -> Result<Result<Receipt, ErrorCode>, ClientError> {
+        let id = self.queue_receipt(push_id);
+        self.flush().await?;
+        match self.next_reply().await? {
+            AppReply::Receipt(r) if r.request_id == id => Ok(Ok(r)),
+            AppReply::Push(r, PushOutcome::Rejected(code, _)) if r == id => Ok(Err(code)),
+            other => Err(ClientError::Server {
+                code: ErrorCode::UNEXPECTED_FRAME,
+                message: format!("reply for another request: {other:?}"),
+            }),
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Server configuration: TOML file, command-line overrides, and a default for every key,
+//! so `ringpush serve` runs with no file at all. `docs/configuration.md` lists each key.
+
+use crate::duration::serde_str;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One application allowed to push, and the secret its servers and tokens use.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    pub id: String,
+    pub secret: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the box keeps its state (the generated `demo` secret, later the store).
+    pub data_dir: PathBuf,
+    /// Device protocol listener; every shard accepts on it with SO_REUSEPORT.
+    pub device_listen: SocketAddr,
+    /// App protocol listener.
+    pub app_listen: SocketAddr,
+    /// Shards (one pinned executor each); 0 = one per CPU in the affinity mask.
+    pub shards: usize,
+    /// Interval devices must send at least one frame in; silent for twice this = closed.
+    #[serde(with = "serde_str")]
+    pub heartbeat: Duration,
+    /// TTL of a push that does not give one.
+    #[serde(with = "serde_str")]
+    pub default_ttl: Duration,
+    /// Largest TTL a push may ask for (`bad_ttl` above it).
+    #[serde(with = "serde_str")]
+    pub max_ttl: Duration,
+    /// Largest device→server frame body.
+    pub max_device_frame: u32,
+    /// Largest app→server frame body (bounds the payload).
+    pub max_app_frame: u32,
+    /// Largest multicast list.
+    pub max_targets: u16,
+    /// Messages sent to a device and not yet acked, at most.
+    pub window: u32,
+    /// Messages queued for one device (sent or not), at most; more = `storage_full`.
+    pub max_queued_per_device: u32,
+    /// Payload bytes queued for one device, at most; more = `storage_full`.
+    pub max_queued_bytes_per_device: u64,
+    /// A device whose socket accepts no bytes for this long is disconnected.
+    #[serde(with = "serde_str")]
+    pub slow_device_timeout: Duration,
+    /// Time a new connection has to complete the preamble and HELLO/AUTH.
+    #[serde(with = "serde_str")]
+    pub handshake_timeout: Duration,
+    /// Capacity of each shard-to-shard channel; a full channel answers BUSY.
+    pub shard_queue: usize,
+    /// Requests in flight on one app connection, at most; more = BUSY.
+    pub max_inflight_per_app: u32,
+    /// Push receipts each shard remembers (oldest forgotten first).
+    pub receipts_per_shard: usize,
+    /// Allowed skew between an app's AUTH timestamp and the server clock.
+    #[serde(with = "serde_str")]
+    pub auth_skew: Duration,
+    /// Time to finish in-flight work after SIGTERM before exiting anyway.
+    #[serde(with = "serde_str")]
+    pub shutdown_grace: Duration,
+    /// Apps allowed to push. An app `demo` is added, with a secret generated and kept
+    /// in the data dir, when no app of that name is configured.
+    pub apps: Vec<AppConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./ringpush-data"),
+            device_listen: "0.0.0.0:7000".parse().expect("valid literal"),
+            app_listen: "0.0.0.0:7100".parse().expect("valid literal"),
+            shards: 0,
+            heartbeat: Duration::from_secs(30),
+            default_ttl: Duration::from_secs(3 * 86_400),
+            max_ttl: Duration::from_secs(28 * 86_400),
+            max_device_frame: 64 * 1024,
+            max_app_frame: 1024 * 1024,
+            max_targets: 1000,
+            window: 64,
+            max_queued_per_device: 4096,
+            max_queued_bytes_per_device: 4 * 1024 * 1024,
+            slow_device_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            shard_queue: 4096,
+            max_inflight_per_app: 8192,
+            receipts_per_shard: 65_536,
+            auth_skew: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(5),
+            apps: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; unknown keys are errors so typos do not pass silently.
+    pub fn from_file(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    }
+
+    /// Checks values that would make the box misbehave, with a message naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut ids = std::collections::HashSet::new();
+        for a in &self.apps {
+            ringpush_protocol::wire::check_id(&a.id, ringpush_protocol::wire::MAX_APP_ID)
+                .map_err(|e| format!("apps: id {:?}: {}", a.id, e.what))?;
+            if a.secret.len() < 16 {
+                return Err(format!(
+                    "apps: secret of {:?} must be at least 16 bytes",
+                    a.id
+                ));
+            }
+            if !ids.insert(&a.id) {
+                return Err(format!("apps: {:?} is configured twice", a.id));
+            }
+        }
+        if self.apps.len() > u16::MAX as usize {
+            return Err("apps: at most 65535 apps".into());
+        }
+        let checks: [(&str, bool); 8] = [
+            ("heartbeat", self.heartbeat >= Duration::from_millis(100)),
+            ("window", self.window >= 1),
+            (
+                "max_queued_per_device",
+                self.max_queued_per_device >= self.window,
+            ),
+            ("shard_queue", self.shard_queue >= 1),
+            ("max_targets", self.max_targets >= 1),
+            ("max_device_frame", self.max_device_frame >= 256),
+            ("max_app_frame", self.max_app_frame >= 256),
+            (
+                "default_ttl",
+                self.default_ttl <= self.max_ttl && self.default_ttl.as_secs() >= 1,
+            ),
+        ];
+        for (key, ok) in checks {
+            if !ok {
+                return Err(format!("config key {key} has an unusable value"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the `demo` app when it is not configured: its secret is read from
+    /// `<data_dir>/demo.secret`, or generated and written there on first start.
+    /// Returns the secret when it came from the data dir, so startup can print it.
+    pub fn ensure_demo_app(&mut self) -> Result<Option<String>, String> {
+        if self.apps.iter().any(|a| a.id == "demo") {
+            return Ok(None);
+        }
+        std::fs::create_dir_all(&self.data_dir)
+            .map_err(|e| format!("cannot create data dir {}: {e}", self.data_dir.display()))?;
+        let path = self.data_dir.join("demo.secret");
+        let secret = match std::fs::read_to_string(&path) {
+            Ok(s) if s.trim().len() >= 16 => s.trim().to_string(),
+            Ok(_) => return Err(format!("{} is too short to be a secret", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let s = hex::encode(rand::random::<[u8; 16]>());
+                write_private(&path, &s)
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                s
+            }
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        self.apps.push(AppConfig {
+            id: "demo".into(),
+            secret: secret.clone(),
+        });
+        Ok(Some(secret))
+    }
+}
+
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults_and_valid() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c.device_listen.port(), 7000);
+        assert_eq!(c.app_listen.port(), 7100);
+        assert_eq!(c.default_ttl, Duration::from_secs(259_200));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn parses_durations_and_apps_and_rejects_typos() {
+        let c: Config = toml::from_str(
+            "heartbeat = \"5s\"\n[[apps]]\nid = \"news\"\nsecret = \"0123456789abcdef\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.heartbeat, Duration::from_secs(5));
+        assert_eq!(c.apps[0].id, "news");
+        c.validate().unwrap();
+        assert!(toml::from_str::<Config>("hartbeat = \"5s\"").is_err());
+        assert!(toml::from_str::<Config>("heartbeat = \"5\"").is_err());
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let mut c = Config::default();
+        c.apps.push(AppConfig {
+            id: "a".into(),
+            secret: "short".into(),
+        });
+        assert!(c.validate().unwrap_err().contains("at least 16"));
+        let c = Config {
+            window: 0,
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().contains("window"));
+    }
+
+    #[test]
+    fn demo_secret_is_generated_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let s1 = c.ensure_demo_app().unwrap().unwrap();
+        let mut c2 = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let s2 = c2.ensure_demo_app().unwrap().unwrap();
+        assert_eq!(s1, s2);
+        assert_eq!(s1.len(), 32);
+        assert_eq!(c2.ensure_demo_app().unwrap(), None, "already configured");
+    }
+}

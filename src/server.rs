@@ -1,0 +1,305 @@
+//! Process boot: listeners, the channel mesh, one pinned executor per shard, signals.
+//!
+//! Runs on: the main thread, which only starts the shards, waits for SIGTERM/SIGINT
+//! (it sets a flag each shard's ticker reads) and joins them. Listeners are created
+//! here with SO_REUSEPORT, so the kernel spreads new connections over the shards; the
+//! first one binds the requested address (port 0 picks a free port) and the others
+//! bind the port it got.
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::shard::{Reply, Request, ShardCore, Shared, TICK};
+use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver, SharedSender};
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use socket2::{Domain, Socket, Type};
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What a started server tells its caller.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    pub device_addr: SocketAddr,
+    pub app_addr: SocketAddr,
+    pub shards: usize,
+    pub cpus: Vec<usize>,
+}
+
+/// CPUs in this process's affinity mask, in order.
+pub fn affinity_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for pid 0 (us).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+fn listener(addr: SocketAddr) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    Ok(s)
+}
+
+/// One listener per shard on the same address: the first picks the port.
+fn listeners(addr: SocketAddr, n: usize) -> Result<(SocketAddr, Vec<OwnedFd>), String> {
+    let first = listener(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let bound = first
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| format!("cannot read the address bound for {addr}"))?;
+    let mut fds = vec![OwnedFd::from(first)];
+    for _ in 1..n {
+        let s = listener(bound).map_err(|e| format!("cannot listen on {bound}: {e}"))?;
+        fds.push(OwnedFd::from(s));
+    }
+    Ok((bound, fds))
+}
+
+/// Everything one shard's executor needs, all `Send`.
+struct ShardBoot {
+    id: usize,
+    device_fd: OwnedFd,
+    app_fd: OwnedFd,
+    req_tx: Vec<Option<SharedSender<Request>>>,
+    req_rx: Vec<SharedReceiver<Request>>,
+    rep_tx: Vec<Option<SharedSender<Reply>>>,
+    rep_rx: Vec<SharedReceiver<Reply>>,
+}
+
+/// Runs a push box until SIGTERM/SIGINT (or `shutdown` is set). Calls `on_ready`
+/// once every shard accepts connections.
+pub fn run(
+    cfg: Config,
+    shutdown: Arc<AtomicBool>,
+    on_ready: impl FnOnce(&Ready),
+) -> Result<(), String> {
+    run_with_clock(cfg, Arc::new(SystemClock), shutdown, on_ready)
+}
+
+pub fn run_with_clock(
+    cfg: Config,
+    clock: Arc<dyn Clock>,
+    shutdown: Arc<AtomicBool>,
+    on_ready: impl FnOnce(&Ready),
+) -> Result<(), String> {
+    cfg.validate()?;
+    let cpus = affinity_cpus();
+    let n = if cfg.shards == 0 {
+        cpus.len().max(1)
+    } else {
+        cfg.shards
+    };
+    if n > 1 << 15 {
+        return Err("shards: at most 32768".into());
+    }
+    let (device_addr, device_fds) = listeners(cfg.device_listen, n)?;
+    let (app_addr, app_fds) = listeners(cfg.app_listen, n)?;
+
+    // Two full meshes of bounded channels: requests and replies.
+    let mut boots: Vec<ShardBoot> = device_fds
+        .into_iter()
+        .zip(app_fds)
+        .enumerate()
+        .map(|(id, (device_fd, app_fd))| ShardBoot {
+            id,
+            device_fd,
+            app_fd,
+            req_tx: (0..n).map(|_| None).collect(),
+            req_rx: Vec::new(),
+            rep_tx: (0..n).map(|_| None).collect(),
+            rep_rx: Vec::new(),
+        })
+        .collect();
+    for from in 0..n {
+        for to in 0..n {
+            if from != to {
+                let (tx, rx) = shared_channel::new_bounded(cfg.shard_queue);
+                boots[from].req_tx[to] = Some(tx);
+                boots[to].req_rx.push(rx);
+                let (tx, rx) = shared_channel::new_bounded(cfg.shard_queue);
+                boots[from].rep_tx[to] = Some(tx);
+                boots[to].rep_rx.push(rx);
+            }
+        }
+    }
+
+    let shared = Arc::new(Shared::new(cfg, clock, n, shutdown));
+    let (ready_tx, ready_rx) = mpsc::channel::<usize>();
+    let mut handles = Vec::with_capacity(n);
+    for boot in boots {
+        let cpu = cpus[boot.id % cpus.len().max(1)];
+        let placement = if cpus.is_empty() {
+            Placement::Unbound
+        } else {
+            Placement::Fixed(cpu)
+        };
+        let (shared, ready_tx) = (Arc::clone(&shared), ready_tx.clone());
+        let h = LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{}", boot.id))
+            .spawn(move || async move { shard_main(boot, shared, ready_tx).await })
+            .map_err(|e| format!("cannot start shard executor: {e}"))?;
+        handles.push(h);
+    }
+    drop(ready_tx);
+    for _ in 0..n {
+        if ready_rx.recv().is_err() {
+            return Err("a shard failed to start".into());
+        }
+    }
+    on_ready(&Ready {
+        device_addr,
+        app_addr,
+        shards: n,
+        cpus,
+    });
+    let mut failed = false;
+    for h in handles {
+        failed |= h.join().is_err();
+    }
+    if failed {
+        Err("a shard stopped abnormally".into())
+    } else {
+        Ok(())
+    }
+}
+
+type Connecting<T> = Option<glommio::task::JoinHandle<ConnectedSender<T>>>;
+
+/// Starts connecting every sender at once (each connect waits for its receiver).
+fn connect_senders<T: Send + 'static>(v: Vec<Option<SharedSender<T>>>) -> Vec<Connecting<T>> {
+    v.into_iter()
+        .map(|tx| tx.map(|tx| glommio::spawn_local(tx.connect()).detach()))
+        .collect()
+}
+
+async fn await_senders<T: Send + 'static>(
+    v: Vec<Connecting<T>>,
+) -> Vec<Option<Rc<ConnectedSender<T>>>> {
+    let mut out = Vec::with_capacity(v.len());
+    for t in v {
+        out.push(match t {
+            Some(t) => Some(Rc::new(t.await.expect("channel connect task completes"))),
+            None => None,
+        });
+    }
+    out
+}
+
+async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<usize>) {
+    let id = boot.id;
+    // Connect both ends of every channel concurrently: each connect waits for its peer.
+    let rx_tasks: Vec<_> = boot
+        .req_rx
+        .into_iter()
+        .map(|rx| glommio::spawn_local(rx.connect()))
+        .collect();
+    let rep_rx_tasks: Vec<_> = boot
+        .rep_rx
+        .into_iter()
+        .map(|rx| glommio::spawn_local(rx.connect()))
+        .collect();
+    let req_tasks = connect_senders(boot.req_tx);
+    let rep_tasks = connect_senders(boot.rep_tx);
+    let requests = await_senders(req_tasks).await;
+    let replies = await_senders(rep_tasks).await;
+    let core = Rc::new(ShardCore::new(id, shared, requests, replies));
+    for t in rx_tasks {
+        let rx = t.await;
+        let c = Rc::clone(&core);
+        glommio::spawn_local(async move {
+            while let Some(req) = rx.recv().await {
+                c.handle_request(req);
+            }
+        })
+        .detach();
+    }
+    for t in rep_rx_tasks {
+        let rx = t.await;
+        let c = Rc::clone(&core);
+        glommio::spawn_local(async move {
+            while let Some(r) = rx.recv().await {
+                crate::ingress::handle_reply(&c, r);
+            }
+        })
+        .detach();
+    }
+
+    // SAFETY: the fds are listening sockets created for this shard and owned by it.
+    let device_listener = unsafe { TcpListener::from_raw_fd(boot.device_fd.into_raw_fd()) };
+    let app_listener = unsafe { TcpListener::from_raw_fd(boot.app_fd.into_raw_fd()) };
+    let c = Rc::clone(&core);
+    let device_accept = glommio::spawn_local(async move {
+        loop {
+            match device_listener.accept().await {
+                Ok(stream) => {
+                    c.state.borrow_mut().stats.device_accepted += 1;
+                    let _ = stream.set_nodelay(true);
+                    glommio::spawn_local(crate::session::handshake(Rc::clone(&c), stream)).detach();
+                }
+                Err(e) => {
+                    tracing::warn!(shard = c.id, "device accept failed: {e}");
+                    glommio::timer::sleep(TICK).await;
+                }
+            }
+        }
+    })
+    .detach();
+    let c = Rc::clone(&core);
+    let app_accept = glommio::spawn_local(async move {
+        loop {
+            match app_listener.accept().await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    glommio::spawn_local(crate::ingress::handshake(Rc::clone(&c), stream)).detach();
+                }
+                Err(e) => {
+                    tracing::warn!(shard = c.id, "app accept failed: {e}");
+                    glommio::timer::sleep(TICK).await;
+                }
+            }
+        }
+    })
+    .detach();
+    let _ = ready.send(id);
+    drop(ready);
+
+    // The ticker: timers, expiry, and shutdown.
+    let mut deadline: Option<Instant> = None;
+    loop {
+        glommio::timer::sleep(TICK).await;
+        core.tick();
+        if deadline.is_none() && core.shutdown_requested() {
+            tracing::info!(
+                shard = id,
+                "shutting down: closing listeners, saying BYE to devices"
+            );
+            device_accept.cancel();
+            app_accept.cancel();
+            core.begin_shutdown();
+            deadline = Some(Instant::now() + core.cfg().shutdown_grace);
+        }
+        if let Some(d) = deadline {
+            // Sessions that join during the drain (hand-overs) are told to leave too.
+            core.begin_shutdown();
+            if core.drained() || Instant::now() >= d {
+                break;
+            }
+        }
+    }
+    tracing::info!(shard = id, "shard stopped");
+}

@@ -1,0 +1,415 @@
+//! A shard: one glommio executor pinned to one CPU, and everything it owns.
+//!
+//! [`ShardCore`] holds the shard's state in one `RefCell` that only this thread
+//! touches (device table, session slab, app-connection slab, session timer wheel,
+//! counters), plus per-shard scratch buffers that sessions read into and build writes
+//! in, so an idle session owns no buffer. Other shards reach it only through bounded
+//! channels: [`Request`]s (socket hand-overs, pushes, receipt queries) on one mesh and
+//! [`Reply`]s on another, so a shard waiting to send a request never blocks a reply.
+//! No `Mutex` or `RwLock` anywhere: a borrow of the state never spans an `.await`.
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::devices::{Counts, DeviceTable, QueueLimits};
+use crate::timer::TimerWheel;
+use glommio::channels::shared_channel::ConnectedSender;
+use ringpush_protocol::ErrorCode;
+use slab::Slab;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use crate::ingress::AppConn;
+pub use crate::session::Session;
+
+/// Size of the per-shard read scratch buffer and the write batch target.
+pub const SCRATCH: usize = 64 * 1024;
+/// Sessions' timer wheel resolution.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// Immutable, process-wide facts every shard reads (never written after start).
+pub struct Shared {
+    pub cfg: Config,
+    /// App id → index into `cfg.apps`.
+    pub app_index: HashMap<String, u16>,
+    pub clock: Arc<dyn Clock>,
+    pub shards: usize,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+impl Shared {
+    pub fn new(
+        cfg: Config,
+        clock: Arc<dyn Clock>,
+        shards: usize,
+        shutdown: Arc<AtomicBool>,
+    ) -> Self {
+        let app_index = cfg
+            .apps
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.id.clone(), i as u16))
+            .collect();
+        Shared {
+            cfg,
+            app_index,
+            clock,
+            shards,
+            shutdown,
+        }
+    }
+
+    pub fn secret(&self, app: u16) -> &[u8] {
+        self.cfg.apps[app as usize].secret.as_bytes()
+    }
+}
+
+/// Who a push goes to, once routed to an owner shard.
+#[derive(Debug)]
+pub enum Targets {
+    /// One or more device ids owned by the receiving shard.
+    Devices(Vec<String>),
+    /// Every device of the app the receiving shard knows.
+    App,
+}
+
+/// Identifies an app connection on its shard across slab-key reuse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRef {
+    pub shard: usize,
+    pub key: usize,
+    pub gen: u32,
+}
+
+/// A push handed to an owner shard.
+#[derive(Debug)]
+pub struct PushReq {
+    pub reply_to: ConnRef,
+    pub request_id: u64,
+    pub push_id: u64,
+    pub app: u16,
+    pub expiry_ms: u64,
+    pub payload: Arc<[u8]>,
+    pub targets: Targets,
+}
+
+/// Work sent to an owner shard.
+#[derive(Debug)]
+pub enum Request {
+    /// A device connection whose HELLO verified on the accepting shard.
+    HandOff {
+        fd: OwnedFd,
+        app: u16,
+        device: String,
+        last_acked: u64,
+        /// Bytes the device sent after its HELLO.
+        leftover: Vec<u8>,
+    },
+    Push(PushReq),
+    Receipt {
+        reply_to: ConnRef,
+        request_id: u64,
+        push_id: u64,
+    },
+}
+
+/// Answers travelling back to the shard that holds the app connection.
+#[derive(Debug)]
+pub enum Reply {
+    PushDone {
+        to: ConnRef,
+        request_id: u64,
+        result: Result<u64, ErrorCode>,
+    },
+    ReceiptPart {
+        to: ConnRef,
+        request_id: u64,
+        counts: Option<Counts>,
+    },
+}
+
+/// Counters a shard keeps for its own sessions (later exported as metrics).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ShardStats {
+    pub device_accepted: u64,
+    pub handshakes_ok: u64,
+    pub handshakes_failed: u64,
+    pub handed_off: u64,
+    pub sessions_closed: u64,
+    pub slow_disconnects: u64,
+    pub idle_disconnects: u64,
+    pub replaced: u64,
+    pub pushes_accepted: u64,
+    pub pushes_rejected: u64,
+    pub pushes_busy: u64,
+}
+
+pub struct ShardState {
+    pub table: DeviceTable,
+    pub sessions: Slab<Session>,
+    pub apps: Slab<AppConn>,
+    /// (session key, generation) armed at the session's next deadline.
+    pub wheel: TimerWheel<(usize, u32)>,
+    pub stats: ShardStats,
+    pub next_gen: u32,
+    next_push: u64,
+}
+
+impl ShardState {
+    pub fn gen(&mut self) -> u32 {
+        self.next_gen = self.next_gen.wrapping_add(1);
+        self.next_gen
+    }
+}
+
+pub struct ShardCore {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub state: RefCell<ShardState>,
+    /// Read scratch: sessions read into it and keep only a partial frame, if any.
+    pub scratch: RefCell<Vec<u8>>,
+    /// Write scratch: sessions encode their batch here.
+    pub wbuf: RefCell<Vec<u8>>,
+    /// `requests[s]` sends to shard `s` (None for this shard).
+    pub requests: Vec<Option<Rc<ConnectedSender<Request>>>>,
+    pub replies: Vec<Option<Rc<ConnectedSender<Reply>>>>,
+    pub draining: Cell<bool>,
+}
+
+impl ShardCore {
+    pub fn new(
+        id: usize,
+        shared: Arc<Shared>,
+        requests: Vec<Option<Rc<ConnectedSender<Request>>>>,
+        replies: Vec<Option<Rc<ConnectedSender<Reply>>>>,
+    ) -> Self {
+        let cfg = &shared.cfg;
+        let now = shared.clock.now_ms();
+        let limits = QueueLimits {
+            window: cfg.window,
+            max_msgs: cfg.max_queued_per_device,
+            max_bytes: cfg.max_queued_bytes_per_device,
+        };
+        let state = ShardState {
+            table: DeviceTable::new(cfg.apps.len(), limits, cfg.receipts_per_shard, now),
+            sessions: Slab::new(),
+            apps: Slab::new(),
+            wheel: TimerWheel::new(1024, TICK.as_millis() as u64, now),
+            stats: ShardStats::default(),
+            next_gen: 0,
+            next_push: 0,
+        };
+        ShardCore {
+            id,
+            shared,
+            state: RefCell::new(state),
+            scratch: RefCell::new(vec![0; SCRATCH]),
+            wbuf: RefCell::new(Vec::with_capacity(SCRATCH * 2)),
+            requests,
+            replies,
+            draining: Cell::new(false),
+        }
+    }
+
+    pub fn cfg(&self) -> &Config {
+        &self.shared.cfg
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.shared.clock.now_ms()
+    }
+
+    /// A push id unique in this process: shard in the top 16 bits, a counter below.
+    pub fn next_push_id(&self) -> u64 {
+        let mut st = self.state.borrow_mut();
+        st.next_push += 1;
+        (self.id as u64) << 48 | (st.next_push & ((1 << 48) - 1))
+    }
+
+    /// Applies a push to this shard's devices; wakes the sessions that got mail.
+    pub fn apply_push(&self, p: &PushReq) -> Result<u64, ErrorCode> {
+        let mut wake = Vec::new();
+        let result = {
+            let st = &mut *self.state.borrow_mut();
+            match &p.targets {
+                Targets::App => {
+                    Ok(st
+                        .table
+                        .broadcast(p.app, p.push_id, p.expiry_ms, &p.payload, &mut wake))
+                }
+                Targets::Devices(ids) => {
+                    let (mut ok, mut err) = (0u64, None);
+                    for id in ids {
+                        match st
+                            .table
+                            .enqueue_to(p.app, id, p.push_id, p.expiry_ms, &p.payload)
+                        {
+                            Ok(s) => {
+                                ok += 1;
+                                wake.extend(s);
+                            }
+                            Err(e) => err = Some(e),
+                        }
+                    }
+                    match (ok, err) {
+                        (0, Some(e)) => Err(e),
+                        _ => Ok(ok),
+                    }
+                }
+            }
+        };
+        self.wake_sessions(&wake);
+        result
+    }
+
+    pub fn wake_sessions(&self, keys: &[usize]) {
+        let st = self.state.borrow();
+        for &k in keys {
+            if let Some(w) = st.sessions.get(k).and_then(|s| s.waker.as_ref()) {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    /// Handles one request from another shard (or from this one).
+    pub fn handle_request(self: &Rc<Self>, req: Request) {
+        match req {
+            Request::HandOff {
+                fd,
+                app,
+                device,
+                last_acked,
+                leftover,
+            } => {
+                use std::os::fd::{FromRawFd, IntoRawFd};
+                // SAFETY: the accepting shard sent us a descriptor it no longer uses.
+                let stream = unsafe { glommio::net::TcpStream::from_raw_fd(fd.into_raw_fd()) };
+                crate::session::attach(self, stream, app, &device, last_acked, &leftover);
+            }
+            Request::Push(p) => {
+                let result = self.apply_push(&p);
+                self.reply(Reply::PushDone {
+                    to: p.reply_to,
+                    request_id: p.request_id,
+                    result,
+                });
+            }
+            Request::Receipt {
+                reply_to,
+                request_id,
+                push_id,
+            } => {
+                let counts = self.state.borrow().table.receipt(push_id);
+                self.reply(Reply::ReceiptPart {
+                    to: reply_to,
+                    request_id,
+                    counts,
+                });
+            }
+        }
+    }
+
+    /// Sends a reply to the shard holding the app connection, or applies it here.
+    fn reply(self: &Rc<Self>, r: Reply) {
+        let to = match &r {
+            Reply::PushDone { to, .. } | Reply::ReceiptPart { to, .. } => to.shard,
+        };
+        match &self.replies[to] {
+            None => crate::ingress::handle_reply(self, r),
+            Some(tx) => {
+                if let Err(e) = tx.try_send(r) {
+                    // The reply channel is full: wait for room in a task. Replies are
+                    // bounded by the requests in flight, which are bounded per app.
+                    let r = match e {
+                        glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(r)) => r,
+                        other => {
+                            tracing::warn!(shard = self.id, "reply to shard {to} lost: {other}");
+                            return;
+                        }
+                    };
+                    let tx = Rc::clone(tx);
+                    glommio::spawn_local(async move {
+                        let _ = tx.send(r).await;
+                    })
+                    .detach();
+                }
+            }
+        }
+    }
+
+    /// Periodic work: expiry, session deadlines, shutdown progress.
+    pub fn tick(self: &Rc<Self>) {
+        let now = self.now_ms();
+        let mut fired = Vec::new();
+        let mut wake = Vec::new();
+        {
+            let st = &mut *self.state.borrow_mut();
+            st.table.expire(now);
+            st.wheel.advance(now, &mut fired);
+            let hb = self.cfg().heartbeat.as_millis() as u64;
+            let slow = self.cfg().slow_device_timeout.as_millis() as u64;
+            for (key, gen) in fired.drain(..) {
+                let Some(s) = st.sessions.get_mut(key).filter(|s| s.gen == gen) else {
+                    continue;
+                };
+                let idle_at = s.last_seen_ms + 2 * hb;
+                let slow_at = if s.blocked_since_ms > 0 {
+                    s.blocked_since_ms + slow
+                } else {
+                    u64::MAX
+                };
+                if slow_at <= now {
+                    s.kill = true;
+                    st.stats.slow_disconnects += 1;
+                    tracing::info!(
+                        shard = self.id,
+                        "disconnecting a slow device (no bytes accepted for {slow} ms)"
+                    );
+                    wake.push(key);
+                } else if idle_at <= now && s.close.is_none() {
+                    s.close = Some(crate::session::Close::Bye(ErrorCode::IDLE_TIMEOUT));
+                    st.stats.idle_disconnects += 1;
+                    wake.push(key);
+                    st.wheel.insert((key, gen), now + slow);
+                } else {
+                    st.wheel.insert((key, gen), idle_at.min(slow_at));
+                }
+            }
+        }
+        self.wake_sessions(&wake);
+    }
+
+    /// Starts an orderly shutdown: BYE to every device, no new requests from apps.
+    pub fn begin_shutdown(self: &Rc<Self>) {
+        self.draining.set(true);
+        let keys: Vec<usize> = {
+            let st = &mut *self.state.borrow_mut();
+            for (_, s) in st.sessions.iter_mut() {
+                s.close
+                    .get_or_insert(crate::session::Close::Bye(ErrorCode::SHUTTING_DOWN));
+            }
+            for (_, a) in st.apps.iter_mut() {
+                a.draining = true;
+                if let Some(w) = &a.waker {
+                    w.wake_by_ref();
+                }
+            }
+            st.sessions.iter().map(|(k, _)| k).collect()
+        };
+        self.wake_sessions(&keys);
+    }
+
+    /// True once every session and app connection of this shard has closed.
+    pub fn drained(&self) -> bool {
+        let st = self.state.borrow();
+        st.sessions.is_empty() && st.apps.is_empty()
+    }
+
+    pub fn shutdown_requested(&self) -> bool {
+        self.shared.shutdown.load(Ordering::Relaxed)
+    }
+}
