@@ -1,0 +1,175 @@
+//! Black-box test harness: starts the real `ringpush` binary on loopback with
+//! ephemeral ports and a temp data dir, and stops it by its PID.
+
+#![allow(dead_code)]
+
+use ringpush::client::{AppClient, ClientError, DeviceClient, DeviceEvent, Received};
+use ringpush::protocol::DeviceToken;
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SECRET: &str = "test-secret-0123456789";
+pub const APP: &str = "demo";
+
+pub struct Server {
+    child: Child,
+    pub device: SocketAddr,
+    pub app: SocketAddr,
+    pub dir: tempfile::TempDir,
+    stderr_path: std::path::PathBuf,
+}
+
+impl Server {
+    /// Starts a server with `shards` shards and extra TOML config lines.
+    pub fn start(shards: usize, extra: &str) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cfg = dir.path().join("ringpush.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "{extra}\n[[apps]]\nid = \"{APP}\"\nsecret = \"{SECRET}\"\n[[apps]]\nid = \"other\"\nsecret = \"other-secret-0123456789\"\n"
+            ),
+        )
+        .expect("write config");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ringpush"))
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args([
+                "--device-listen",
+                "127.0.0.1:0",
+                "--app-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--shards", &shards.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("start ringpush");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read ready line");
+        assert!(
+            line.starts_with("ringpush ready"),
+            "server did not start: {line:?}\n{}",
+            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+        );
+        let field = |k: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+        };
+        Server {
+            device: field("device="),
+            app: field("app="),
+            child,
+            dir,
+            stderr_path,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's PID.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0, "kill failed");
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for the exit.
+    pub fn stop(mut self, limit: Duration) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "server did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn token(&self, device: &str) -> DeviceToken {
+        token_for(device, 3600)
+    }
+
+    pub async fn device(&self, id: &str) -> DeviceClient {
+        DeviceClient::connect(self.device, APP, id, self.token(id), 0)
+            .await
+            .unwrap_or_else(|e| panic!("device {id} failed to connect: {e}"))
+    }
+
+    pub async fn app(&self) -> AppClient {
+        AppClient::connect(self.app, APP, SECRET.as_bytes())
+            .await
+            .expect("app connects")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child's PID.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn token_for(device: &str, ttl_secs: i64) -> DeviceToken {
+    let now = (ringpush::client::unix_ms() / 1000) as i64;
+    DeviceToken::mint(
+        SECRET.as_bytes(),
+        APP,
+        device,
+        (now + ttl_secs).max(0) as u64,
+    )
+}
+
+/// Runs a test body on a glommio executor.
+pub fn run<F: Future<Output = ()>>(f: impl FnOnce() -> F) {
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .make()
+        .expect("executor")
+        .run(f());
+}
+
+/// The next event within `limit`, or a panic that says what was awaited.
+pub async fn next(dev: &mut DeviceClient, limit: Duration) -> Result<DeviceEvent, ClientError> {
+    match glommio::timer::timeout(limit, async { Ok(dev.next_event().await) }).await {
+        Ok(r) => r,
+        Err(_) => panic!("no event within {limit:?}"),
+    }
+}
+
+/// The next message within 5 s.
+pub async fn message(dev: &mut DeviceClient) -> Received {
+    match next(dev, Duration::from_secs(5)).await {
+        Ok(DeviceEvent::Message(m)) => m,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+/// Asserts that nothing arrives within `wait`.
+pub async fn quiet(dev: &mut DeviceClient, wait: Duration) {
+    if let Ok(r) = glommio::timer::timeout(wait, async { Ok(dev.next_event().await) }).await {
+        panic!("expected silence, got {r:?}");
+    }
+}

@@ -1,0 +1,580 @@
+//! Black-box engine tests: the real server on loopback, devices and apps as clients.
+
+mod common;
+
+use common::*;
+use ringpush::client::{AppReply, ClientError, DeviceClient, DeviceEvent, PushOutcome, PushTarget};
+use ringpush::protocol::device::{DeviceFrame, Hello};
+use ringpush::protocol::{ErrorCode, Limits, Preamble, Role};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(5);
+
+fn accepted(o: PushOutcome) -> u64 {
+    match o {
+        PushOutcome::Accepted(id) => id,
+        other => panic!("push not accepted: {other:?}"),
+    }
+}
+
+/// Writes `bytes` on a fresh connection and reads until the server closes it.
+fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(bytes).expect("write");
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("server did not close the connection: {e} (got {out:?})"),
+    }
+    out
+}
+
+/// Parses "[server preamble] ERROR" and returns the error code.
+fn error_code(reply: &[u8]) -> ErrorCode {
+    let body = match Preamble::decode(reply) {
+        Ok(Some(_)) => &reply[8..],
+        _ => reply,
+    };
+    match DeviceFrame::decode(body, &Limits::default()) {
+        Ok(Some((DeviceFrame::Error(e), _))) => e.code,
+        other => panic!("expected an ERROR frame, got {other:?} from {reply:?}"),
+    }
+}
+
+fn hello_bytes(app: &str, device: &str, token: [u8; 40]) -> Vec<u8> {
+    let mut b = Preamble::client(Role::Device).encode().to_vec();
+    DeviceFrame::Hello(Hello {
+        app_id: app,
+        device_id: device,
+        token,
+        last_acked_seq: 0,
+        broadcast_cursor: 0,
+        capabilities: 0,
+    })
+    .encode(&mut b);
+    b
+}
+
+#[test]
+fn unicast_reaches_devices_on_every_shard_in_order() {
+    let srv = Server::start(2, "");
+    run(|| async {
+        let ids: Vec<String> = (0..16).map(|i| format!("u{i}")).collect();
+        let mut shards_hit = std::collections::HashSet::new();
+        let mut devs = Vec::new();
+        for id in &ids {
+            shards_hit.insert(ringpush::routing::shard_for(APP, id, 2));
+            devs.push(srv.device(id).await);
+        }
+        assert_eq!(shards_hit.len(), 2, "devices must span both shards");
+        let mut app = srv.app().await;
+        for (i, id) in ids.iter().enumerate() {
+            for k in 0..3 {
+                accepted(
+                    app.push(PushTarget::Device(id), 0, format!("{i}-{k}").as_bytes())
+                        .await
+                        .unwrap(),
+                );
+            }
+        }
+        for (i, dev) in devs.iter_mut().enumerate() {
+            for k in 0..3u64 {
+                let m = message(dev).await;
+                assert_eq!((m.seq, m.payload), (k + 1, format!("{i}-{k}").into_bytes()));
+            }
+            dev.ack(3).await.unwrap();
+        }
+    });
+}
+
+#[test]
+fn multicast_and_broadcast_deliver_once_to_each_target() {
+    let srv = Server::start(2, "");
+    run(|| async {
+        let ids: Vec<String> = (0..12).map(|i| format!("m{i}")).collect();
+        let mut devs = Vec::new();
+        for id in &ids {
+            devs.push(srv.device(id).await);
+        }
+        let mut app = srv.app().await;
+        let list: Vec<String> = ids[..6].to_vec();
+        let mc = accepted(
+            app.push(PushTarget::List(&list), 0, b"multi")
+                .await
+                .unwrap(),
+        );
+        let bc = accepted(app.push(PushTarget::App, 0, b"broad").await.unwrap());
+        for (i, dev) in devs.iter_mut().enumerate() {
+            if i < 6 {
+                let m = message(dev).await;
+                assert_eq!((m.push_id, m.payload.as_slice()), (mc, &b"multi"[..]));
+            }
+            let m = message(dev).await;
+            assert_eq!((m.push_id, m.payload.as_slice()), (bc, &b"broad"[..]));
+            dev.ack(m.seq).await.unwrap();
+            quiet(dev, Duration::from_millis(50)).await;
+        }
+        // Devices of another app never see this app's broadcast.
+        let other = DeviceClient::connect(
+            srv.device,
+            "other",
+            "x",
+            ringpush::protocol::DeviceToken::mint(
+                b"other-secret-0123456789",
+                "other",
+                "x",
+                4_000_000_000,
+            ),
+            0,
+        )
+        .await;
+        let mut other = other.unwrap();
+        accepted(app.push(PushTarget::App, 0, b"again").await.unwrap());
+        quiet(&mut other, Duration::from_millis(200)).await;
+        // Receipts add up across shards once devices ack.
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+        let r = app.receipt(bc).await.unwrap().unwrap();
+        assert_eq!((r.targeted, r.delivered, r.stored), (12, 12, 0), "{r:?}");
+        let r = app.receipt(mc).await.unwrap().unwrap();
+        assert_eq!(r.targeted, 6);
+        assert_eq!(
+            app.receipt(12345).await.unwrap(),
+            Err(ErrorCode::UNKNOWN_PUSH)
+        );
+    });
+}
+
+#[test]
+fn unacked_messages_are_redelivered_after_reconnect_and_offline_devices_get_theirs() {
+    let srv = Server::start(2, "");
+    run(|| async {
+        let mut app = srv.app().await;
+        // Offline first: queued until the device connects.
+        for k in 1..=3 {
+            accepted(
+                app.push(PushTarget::Device("r1"), 0, format!("p{k}").as_bytes())
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut dev = srv.device("r1").await;
+        assert_eq!(dev.welcome.pending, 3);
+        for k in 1..=3 {
+            assert_eq!(message(&mut dev).await.seq, k);
+        }
+        dev.ack(1).await.unwrap();
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+        drop(dev); // connection lost with 2 and 3 unacked
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+        let mut dev = DeviceClient::connect(srv.device, APP, "r1", srv.token("r1"), 1)
+            .await
+            .unwrap();
+        assert_eq!(dev.welcome.acked_seq, 1);
+        let again: Vec<(u64, Vec<u8>)> = vec![message(&mut dev).await, message(&mut dev).await]
+            .into_iter()
+            .map(|m| (m.seq, m.payload))
+            .collect();
+        assert_eq!(again, vec![(2, b"p2".to_vec()), (3, b"p3".to_vec())]);
+        dev.ack(3).await.unwrap();
+        accepted(app.push(PushTarget::Device("r1"), 0, b"p4").await.unwrap());
+        assert_eq!(message(&mut dev).await.seq, 4);
+    });
+}
+
+#[test]
+fn second_login_replaces_the_first() {
+    let srv = Server::start(2, "");
+    run(|| async {
+        let mut first = srv.device("dup").await;
+        let mut second = srv.device("dup").await;
+        match next(&mut first, T).await {
+            Ok(DeviceEvent::Bye(code, _)) => assert_eq!(code, ErrorCode::REPLACED),
+            other => panic!("first session should get BYE replaced, got {other:?}"),
+        }
+        let mut app = srv.app().await;
+        accepted(
+            app.push(PushTarget::Device("dup"), 0, b"to-second")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(message(&mut second).await.payload, b"to-second");
+    });
+}
+
+#[test]
+fn bad_input_gets_an_error_and_closes_only_that_connection() {
+    let srv = Server::start(2, "max_device_frame = 1024");
+    let addr = srv.device;
+    run(|| async {
+        let mut bystander = srv.device("bystander").await;
+        let mut app = srv.app().await;
+
+        let good = srv.token("dev").0;
+        let mut bad = good;
+        bad[20] ^= 0xff;
+        let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
+            (
+                "bad token",
+                hello_bytes(APP, "dev", bad),
+                ErrorCode::BAD_TOKEN,
+            ),
+            (
+                "expired token",
+                hello_bytes(APP, "dev", token_for("dev", -10).0),
+                ErrorCode::EXPIRED_TOKEN,
+            ),
+            (
+                "unknown app",
+                hello_bytes("nope", "dev", good),
+                ErrorCode::UNKNOWN_APP,
+            ),
+            (
+                "http",
+                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+                ErrorCode::BAD_MAGIC,
+            ),
+            (
+                "tls",
+                vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01],
+                ErrorCode::BAD_MAGIC,
+            ),
+            (
+                "wrong version",
+                b"RPSHD\x07\x09\x00".to_vec(),
+                ErrorCode::UNSUPPORTED_VERSION,
+            ),
+            (
+                "app role on device port",
+                Preamble::client(Role::App).encode().to_vec(),
+                ErrorCode::BAD_MAGIC,
+            ),
+            (
+                "oversize",
+                {
+                    let mut b = Preamble::client(Role::Device).encode().to_vec();
+                    b.extend_from_slice(&[0x01, 0, 0, 0x10, 0]); // HELLO claiming 4096 bytes
+                    b
+                },
+                ErrorCode::OVERSIZE,
+            ),
+            (
+                "garbage frame",
+                {
+                    let mut b = Preamble::client(Role::Device).encode().to_vec();
+                    b.extend_from_slice(&[0x42, 0, 0, 0, 0]);
+                    b
+                },
+                ErrorCode::UNKNOWN_FRAME_TYPE,
+            ),
+            (
+                "not hello",
+                {
+                    let mut b = Preamble::client(Role::Device).encode().to_vec();
+                    DeviceFrame::Ping(1).encode(&mut b);
+                    b
+                },
+                ErrorCode::UNEXPECTED_FRAME,
+            ),
+        ];
+        for (name, bytes, code) in cases {
+            let reply = std::thread::spawn(move || raw_exchange(addr, &bytes))
+                .join()
+                .unwrap();
+            assert_eq!(error_code(&reply), code, "{name}");
+        }
+        // A session that goes bad mid-stream: oversize frame after a good HELLO.
+        let mut dev = srv.device("midstream").await;
+        dev.send_raw(&[0x04, 0, 0, 0x10, 0]).await.unwrap();
+        match next(&mut dev, T).await {
+            Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::OVERSIZE),
+            other => panic!("expected ERROR oversize, got {other:?}"),
+        }
+        // Bad app input: wrong secret, and an oversize push on a live connection.
+        match ringpush::client::AppClient::connect(srv.app, APP, b"wrong-secret-xxxxxxxx").await {
+            Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::NOT_AUTHORIZED),
+            Err(e) => panic!("expected not_authorized, got {e}"),
+            Ok(_) => panic!("wrong secret was accepted"),
+        }
+        let mut app2 = srv.app().await;
+        app2.queue_raw(&[0x23, 0x7f, 0, 0, 0]);
+        app2.flush().await.unwrap();
+        match app2.next_reply().await {
+            Err(ClientError::Server { code, .. }) => assert_eq!(code, ErrorCode::OVERSIZE),
+            other => panic!("expected ERROR oversize, got {other:?}"),
+        }
+        // The bystander never noticed.
+        accepted(
+            app.push(PushTarget::Device("bystander"), 0, b"still here")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(message(&mut bystander).await.payload, b"still here");
+        // Bad requests are rejected without closing the app connection.
+        match app
+            .push(PushTarget::Device("x"), u32::MAX, b"ttl")
+            .await
+            .unwrap()
+        {
+            PushOutcome::Rejected(code, _) => assert_eq!(code, ErrorCode::BAD_TTL),
+            other => panic!("expected bad_ttl, got {other:?}"),
+        }
+        accepted(
+            app.push(PushTarget::Device("bystander"), 0, b"after")
+                .await
+                .unwrap(),
+        );
+        assert_eq!(message(&mut bystander).await.payload, b"after");
+    });
+    assert!(
+        srv.log().contains("device handshake failed"),
+        "bad input is logged"
+    );
+}
+
+#[test]
+fn a_flooded_shard_answers_busy_and_every_request_is_answered() {
+    let srv = Server::start(2, "shard_queue = 1");
+    run(|| async {
+        let mut app = srv.app().await;
+        let ids: Vec<String> = (0..64).map(|i| format!("f{i}")).collect();
+        let total = 4000;
+        for i in 0..total {
+            app.queue_push(PushTarget::Device(&ids[i % ids.len()]), 0, b"flood");
+        }
+        app.flush().await.unwrap();
+        let (mut ok, mut busy) = (0, 0);
+        let mut accepted_per_device: HashMap<usize, u64> = HashMap::new();
+        for _ in 0..total {
+            match app.next_reply().await.unwrap() {
+                AppReply::Push(req, PushOutcome::Accepted(_)) => {
+                    ok += 1;
+                    *accepted_per_device
+                        .entry((req as usize - 1) % ids.len())
+                        .or_default() += 1;
+                }
+                AppReply::Push(_, PushOutcome::Busy(ms)) => {
+                    assert!(ms > 0);
+                    busy += 1
+                }
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+        assert!(
+            busy > 0,
+            "a one-slot channel under a pipelined flood must answer BUSY"
+        );
+        assert!(ok > 0);
+        // Every accepted push reaches its device: nothing accepted is lost.
+        for (i, id) in ids.iter().enumerate() {
+            let want = accepted_per_device.get(&i).copied().unwrap_or(0);
+            let mut dev = srv.device(id).await;
+            assert_eq!(dev.welcome.pending as u64, want, "{id}");
+            for k in 1..=want {
+                assert_eq!(message(&mut dev).await.seq, k);
+                if k % 32 == 0 {
+                    dev.ack(k).await.unwrap();
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn a_slow_device_does_not_stall_others_and_is_disconnected() {
+    let srv = Server::start(
+        1,
+        "slow_device_timeout = \"1s\"\nwindow = 4096\nmax_queued_per_device = 8192\nmax_queued_bytes_per_device = 1073741824",
+    );
+    let addr = srv.device;
+    // The slow device: connects, says HELLO, then never reads.
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    slow.write_all(&hello_bytes(APP, "slow", token_for("slow", 3600).0))
+        .unwrap();
+    run(|| async {
+        let mut fast = srv.device("fast").await;
+        let mut app = srv.app().await;
+        let big = vec![7u8; 60_000];
+        for _ in 0..300 {
+            accepted(app.push(PushTarget::Device("slow"), 0, &big).await.unwrap());
+        }
+        for k in 1..=50u64 {
+            accepted(
+                app.push(PushTarget::Device("fast"), 0, b"quick")
+                    .await
+                    .unwrap(),
+            );
+            let m = glommio::timer::timeout(Duration::from_millis(500), async {
+                Ok(message(&mut fast).await)
+            })
+            .await
+            .expect("fast device stalled behind the slow one");
+            assert_eq!(m.seq, k);
+        }
+        glommio::timer::sleep(Duration::from_millis(2500)).await;
+    });
+    // The server gave up on the slow device: reading what it sent ends in EOF/reset
+    // well before all 18 MB arrive.
+    slow.set_read_timeout(Some(T)).unwrap();
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match slow.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("slow device was not disconnected: {e} after {total} bytes"),
+        }
+    }
+    assert!(
+        total < 300 * 60_000,
+        "got everything ({total} bytes): never throttled"
+    );
+}
+
+#[test]
+fn idle_devices_are_closed_after_two_heartbeats_and_pings_keep_them() {
+    let srv = Server::start(1, "heartbeat = \"300ms\"");
+    run(|| async {
+        let mut idle = srv.device("idle").await;
+        let mut alive = srv.device("alive").await;
+        assert_eq!(idle.welcome.heartbeat_ms, 300);
+        for i in 0..8 {
+            alive.ping(i).await.unwrap();
+            assert_eq!(next(&mut alive, T).await.unwrap(), DeviceEvent::Pong(i));
+            glommio::timer::sleep(Duration::from_millis(150)).await;
+        }
+        match next(&mut idle, T).await {
+            Ok(DeviceEvent::Bye(code, _)) => assert_eq!(code, ErrorCode::IDLE_TIMEOUT),
+            other => panic!("expected BYE idle_timeout, got {other:?}"),
+        }
+    });
+}
+
+#[test]
+fn pipelined_requests_are_matched_by_request_id() {
+    let srv = Server::start(2, "");
+    run(|| async {
+        let mut dev = srv.device("pipe").await;
+        let mut app = srv.app().await;
+        let ids: Vec<u64> = (0..200)
+            .map(|i| app.queue_push(PushTarget::Device("pipe"), 0, format!("{i}").as_bytes()))
+            .collect();
+        app.flush().await.unwrap();
+        let mut replies = HashMap::new();
+        for _ in 0..ids.len() {
+            if let AppReply::Push(r, o) = app.next_reply().await.unwrap() {
+                replies.insert(r, o);
+            }
+        }
+        assert!(ids
+            .iter()
+            .all(|id| matches!(replies.get(id), Some(PushOutcome::Accepted(_)))));
+        for i in 0..200u64 {
+            let m = message(&mut dev).await;
+            assert_eq!((m.seq, m.payload), (i + 1, format!("{i}").into_bytes()));
+            if m.seq % 32 == 0 {
+                dev.ack(m.seq).await.unwrap(); // the window is 64 unacked messages
+            }
+        }
+        // A request id reused while in flight is refused, the connection stays up.
+        let mut raw = Vec::new();
+        for _ in 0..2 {
+            ringpush::protocol::AppFrame::ReceiptQuery {
+                request_id: 9_999,
+                push_id: 0xdead << 32,
+            }
+            .encode(&mut raw);
+        }
+        app.queue_raw(&raw);
+        app.flush().await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.push(app.next_reply().await.unwrap());
+        }
+        // The first waits for the other shard's answer, so the second finds it in flight.
+        let codes: Vec<ErrorCode> = got
+            .iter()
+            .map(|r| match r {
+                AppReply::Push(9_999, PushOutcome::Rejected(code, _)) => *code,
+                other => panic!("unexpected reply {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            codes,
+            [ErrorCode::UNEXPECTED_FRAME, ErrorCode::UNKNOWN_PUSH]
+        );
+        // The connection still works.
+        accepted(
+            app.push(PushTarget::Device("pipe"), 0, b"more")
+                .await
+                .unwrap(),
+        );
+    });
+}
+
+#[test]
+fn sigterm_says_bye_to_devices_and_exits_zero() {
+    let srv = Server::start(2, "");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let device = srv.device;
+    let t = std::thread::spawn(move || {
+        run(|| async {
+            let mut devs = Vec::new();
+            for i in 0..8 {
+                let id = format!("s{i}");
+                devs.push(
+                    DeviceClient::connect(device, APP, &id, token_for(&id, 60), 0)
+                        .await
+                        .unwrap(),
+                );
+            }
+            tx.send(()).unwrap();
+            for d in devs.iter_mut() {
+                match next(d, T).await {
+                    Ok(DeviceEvent::Bye(code, _)) => assert_eq!(code, ErrorCode::SHUTTING_DOWN),
+                    other => panic!("expected BYE shutting_down, got {other:?}"),
+                }
+            }
+        })
+    });
+    rx.recv().unwrap();
+    let status = srv.stop(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+    t.join().expect("devices got BYE");
+}
+
+#[test]
+fn thousands_of_devices_get_unicast_and_broadcast() {
+    let srv = Server::start(2, "");
+    run(|| async {
+        const N: usize = 3000;
+        let mut devs = Vec::with_capacity(N);
+        for i in 0..N {
+            devs.push(srv.device(&format!("k{i}")).await);
+        }
+        let mut app = srv.app().await;
+        let names: Vec<String> = (0..N).map(|i| format!("k{i}")).collect();
+        for name in &names {
+            app.queue_push(PushTarget::Device(name), 0, name.as_bytes());
+        }
+        app.queue_push(PushTarget::App, 0, b"everyone");
+        app.flush().await.unwrap();
+        for _ in 0..=N {
+            match app.next_reply().await.unwrap() {
+                AppReply::Push(_, PushOutcome::Accepted(_)) => {}
+                other => panic!("not accepted: {other:?}"),
+            }
+        }
+        for (i, dev) in devs.iter_mut().enumerate() {
+            let a = message(dev).await;
+            let b = message(dev).await;
+            assert_eq!(a.payload, names[i].as_bytes());
+            assert_eq!(b.payload, b"everyone");
+            assert_eq!((a.seq, b.seq), (1, 2));
+        }
+    });
+}
