@@ -45,6 +45,9 @@ pub struct ServeArgs {
     pub device_listen: Option<SocketAddr>,
     #[arg(long)]
     pub app_listen: Option<SocketAddr>,
+    /// HTTP port for /healthz and /readyz.
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
     /// Number of shards (0: one per CPU in the affinity mask).
     #[arg(long)]
     pub shards: Option<usize>,
@@ -168,6 +171,9 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     if let Some(v) = a.app_listen {
         cfg.app_listen = v;
     }
+    if let Some(v) = a.http_listen {
+        cfg.http_listen = v;
+    }
     if let Some(v) = a.shards {
         cfg.shards = v;
     }
@@ -193,10 +199,13 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         "starting ringpush"
     );
     crate::server::run(cfg, shutdown, |r| {
-        tracing::info!(shards = r.shards, cpus = ?r.cpus, device = %r.device_addr, app = %r.app_addr, "ready");
+        tracing::info!(
+            shards = r.shards, cpus = ?r.cpus, device = %r.device_addr, app = %r.app_addr,
+            http = %r.http_addr, "ready"
+        );
         println!(
-            "ringpush ready device={} app={} shards={}",
-            r.device_addr, r.app_addr, r.shards
+            "ringpush ready device={} app={} http={} shards={}",
+            r.device_addr, r.app_addr, r.http_addr, r.shards
         );
         let _ = std::io::stdout().flush();
     })?;

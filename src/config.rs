@@ -24,6 +24,8 @@ pub struct Config {
     pub device_listen: SocketAddr,
     /// App protocol listener.
     pub app_listen: SocketAddr,
+    /// HTTP listener for /healthz and /readyz (served by shard 0).
+    pub http_listen: SocketAddr,
     /// Shards (one pinned executor each); 0 = one per CPU in the affinity mask.
     pub shards: usize,
     /// Interval devices must send at least one frame in; silent for twice this = closed.
@@ -76,6 +78,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./ringpush-data"),
             device_listen: "0.0.0.0:7000".parse().expect("valid literal"),
             app_listen: "0.0.0.0:7100".parse().expect("valid literal"),
+            http_listen: "0.0.0.0:7200".parse().expect("valid literal"),
             shards: 0,
             heartbeat: Duration::from_secs(30),
             default_ttl: Duration::from_secs(3 * 86_400),
@@ -199,6 +202,7 @@ mod tests {
         let c: Config = toml::from_str("").unwrap();
         assert_eq!(c.device_listen.port(), 7000);
         assert_eq!(c.app_listen.port(), 7100);
+        assert_eq!(c.http_listen.port(), 7200);
         assert_eq!(c.default_ttl, Duration::from_secs(259_200));
         c.validate().unwrap();
     }

@@ -14,6 +14,7 @@
 //! - [`client`]: device and app clients on glommio (CLI, tests, load generator).
 //! - [`config`], [`duration`], [`clock`]: settings with defaults, `30s`-style
 //!   durations, injected time.
+//! - [`http`]: the HTTP port (/healthz, /readyz).
 //! - [`cli`]: the `ringpush` command line.
 //!
 //! The wire protocols live in the `ringpush-protocol` crate (sans-IO).
@@ -24,6 +25,7 @@ pub mod clock;
 pub mod config;
 pub mod devices;
 pub mod duration;
+pub mod http;
 pub mod ingress;
 pub mod routing;
 pub mod server;

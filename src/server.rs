@@ -26,6 +26,7 @@ use std::time::Instant;
 pub struct Ready {
     pub device_addr: SocketAddr,
     pub app_addr: SocketAddr,
+    pub http_addr: SocketAddr,
     pub shards: usize,
     pub cpus: Vec<usize>,
 }
@@ -75,6 +76,8 @@ struct ShardBoot {
     id: usize,
     device_fd: OwnedFd,
     app_fd: OwnedFd,
+    /// The HTTP listener, for shard 0 only.
+    http_fd: Option<OwnedFd>,
     req_tx: Vec<Option<SharedSender<Request>>>,
     req_rx: Vec<SharedReceiver<Request>>,
     rep_tx: Vec<Option<SharedSender<Reply>>>,
@@ -109,6 +112,8 @@ pub fn run_with_clock(
     }
     let (device_addr, device_fds) = listeners(cfg.device_listen, n)?;
     let (app_addr, app_fds) = listeners(cfg.app_listen, n)?;
+    let (http_addr, mut http_fd) = listeners(cfg.http_listen, 1)?;
+    let mut http_fd = http_fd.pop();
 
     // Two full meshes of bounded channels: requests and replies.
     let mut boots: Vec<ShardBoot> = device_fds
@@ -119,6 +124,7 @@ pub fn run_with_clock(
             id,
             device_fd,
             app_fd,
+            http_fd: if id == 0 { http_fd.take() } else { None },
             req_tx: (0..n).map(|_| None).collect(),
             req_rx: Vec::new(),
             rep_tx: (0..n).map(|_| None).collect(),
@@ -161,9 +167,13 @@ pub fn run_with_clock(
             return Err("a shard failed to start".into());
         }
     }
+    shared
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     on_ready(&Ready {
         device_addr,
         app_addr,
+        http_addr,
         shards: n,
         cpus,
     });
@@ -275,6 +285,11 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
         }
     })
     .detach();
+    let http = boot.http_fd.map(|fd| {
+        // SAFETY: the HTTP listening socket was created for this shard and is owned by it.
+        let l = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
+        glommio::spawn_local(crate::http::serve(Rc::clone(&core), l)).detach()
+    });
     let _ = ready.send(id);
     drop(ready);
 
@@ -290,6 +305,9 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
             );
             device_accept.cancel();
             app_accept.cancel();
+            if let Some(h) = &http {
+                h.cancel();
+            }
             core.begin_shutdown();
             deadline = Some(Instant::now() + core.cfg().shutdown_grace);
         }

@@ -39,6 +39,8 @@ pub struct Shared {
     pub clock: Arc<dyn Clock>,
     pub shards: usize,
     pub shutdown: Arc<AtomicBool>,
+    /// Every shard accepts connections (set once by the main thread; read by /readyz).
+    pub ready: AtomicBool,
 }
 
 impl Shared {
@@ -60,6 +62,7 @@ impl Shared {
             clock,
             shards,
             shutdown,
+            ready: AtomicBool::new(false),
         }
     }
 

@@ -578,3 +578,13 @@ fn thousands_of_devices_get_unicast_and_broadcast() {
         }
     });
 }
+
+#[test]
+fn health_endpoints_answer_on_the_http_port() {
+    let srv = Server::start(2, "");
+    assert_eq!(http_get(srv.http, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(http_get(srv.http, "/readyz"), (200, "ready\n".to_string()));
+    assert_eq!(http_get(srv.http, "/nope").0, 404);
+    let status = srv.stop(Duration::from_secs(10));
+    assert!(status.success());
+}

@@ -18,6 +18,7 @@ pub struct Server {
     child: Child,
     pub device: SocketAddr,
     pub app: SocketAddr,
+    pub http: SocketAddr,
     pub dir: tempfile::TempDir,
     stderr_path: std::path::PathBuf,
 }
@@ -71,6 +72,7 @@ impl Server {
         Server {
             device: field("device="),
             app: field("app="),
+            http: field("http="),
             child,
             dir,
             stderr_path,
@@ -131,6 +133,23 @@ impl Drop for Server {
             let _ = self.child.wait();
         }
     }
+}
+
+/// A plain HTTP/1.1 GET; returns the status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read http reply");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
 }
 
 pub fn token_for(device: &str, ttl_secs: i64) -> DeviceToken {

@@ -1,0 +1,76 @@
+//! Engine building blocks: device placement, the timer wheel, and the device table's
+//! enqueue → encode → ack cycle. Run: `cargo bench --bench engine`.
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use ringpush::devices::{DeviceTable, QueueLimits};
+use ringpush::routing::shard_for;
+use ringpush::timer::TimerWheel;
+use std::sync::Arc;
+
+fn placement(c: &mut Criterion) {
+    let ids: Vec<String> = (0..1024).map(|i| format!("device-{i:06}")).collect();
+    let mut g = c.benchmark_group("shard_for");
+    g.throughput(Throughput::Elements(ids.len() as u64));
+    for shards in [2usize, 64] {
+        g.bench_function(format!("{shards}_shards"), |b| {
+            b.iter(|| {
+                ids.iter()
+                    .map(|d| shard_for("demo", d, shards))
+                    .sum::<usize>()
+            })
+        });
+    }
+    g.finish();
+}
+
+fn wheel(c: &mut Criterion) {
+    let mut g = c.benchmark_group("timer_wheel");
+    g.throughput(Throughput::Elements(10_000));
+    g.bench_function("insert_and_fire_10k", |b| {
+        let mut fired = Vec::with_capacity(10_000);
+        b.iter(|| {
+            let mut w = TimerWheel::new(1024, 100, 0);
+            for k in 0..10_000u64 {
+                w.insert(k, 100 + (k * 37) % 60_000);
+            }
+            fired.clear();
+            w.advance(61_000, &mut fired);
+            black_box(fired.len())
+        })
+    });
+    g.finish();
+}
+
+fn table(c: &mut Criterion) {
+    let limits = QueueLimits {
+        window: 64,
+        max_msgs: 4096,
+        max_bytes: 1 << 24,
+    };
+    let mut t = DeviceTable::new(1, limits, 65_536, 0);
+    let keys: Vec<usize> = (0..1000)
+        .map(|i| t.attach(0, &format!("d{i}"), 0, i).device)
+        .collect();
+    let payload: Arc<[u8]> = Arc::from(vec![0u8; 64]);
+    let mut out = Vec::with_capacity(1 << 20);
+    let mut g = c.benchmark_group("device_table");
+    g.throughput(Throughput::Elements(keys.len() as u64));
+    let mut push_id = 0;
+    g.bench_function("enqueue_fill_ack_1000_devices", |b| {
+        b.iter(|| {
+            out.clear();
+            for &k in &keys {
+                push_id += 1;
+                t.enqueue(k, push_id, u64::MAX, &payload).unwrap();
+                t.fill(k, 1, &mut out, usize::MAX);
+                let acked = t.device(k).acked();
+                t.on_ack(k, acked + 1);
+            }
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, placement, wheel, table);
+criterion_main!(benches);
