@@ -8,13 +8,7 @@ use ringpush::protocol::Limits;
 
 fn message(c: &mut Criterion) {
     let payload = [0x5au8; 64];
-    let m = Message {
-        flags: 0,
-        seq: 42,
-        push_id: 7,
-        expiry_ms: 1_800_000_000_000,
-        payload: &payload,
-    };
+    let m = Message { flags: 0, seq: 42, push_id: 7, expiry_ms: 1_800_000_000_000, payload: &payload };
     let mut g = c.benchmark_group("message_64B");
     g.throughput(Throughput::Elements(1));
     let mut out = Vec::with_capacity(1024);
@@ -35,12 +29,7 @@ fn message(c: &mut Criterion) {
         })
     });
     // A batch of 1000 frames decoded back to back, as a session reads them.
-    let batch: Vec<u8> = bytes
-        .iter()
-        .copied()
-        .cycle()
-        .take(bytes.len() * 1000)
-        .collect();
+    let batch: Vec<u8> = bytes.iter().copied().cycle().take(bytes.len() * 1000).collect();
     g.throughput(Throughput::Elements(1000));
     g.bench_function("decode_batch_1000", |b| {
         b.iter(|| {
@@ -78,9 +67,7 @@ fn push(c: &mut Criterion) {
             black_box(out.len())
         })
     });
-    g.bench_function("decode", |b| {
-        b.iter(|| black_box(AppFrame::decode(black_box(&bytes), &limits).is_ok()))
-    });
+    g.bench_function("decode", |b| b.iter(|| black_box(AppFrame::decode(black_box(&bytes), &limits).is_ok())));
     g.finish();
 }
 

@@ -13,11 +13,7 @@ fn placement(c: &mut Criterion) {
     g.throughput(Throughput::Elements(ids.len() as u64));
     for shards in [2usize, 64] {
         g.bench_function(format!("{shards}_shards"), |b| {
-            b.iter(|| {
-                ids.iter()
-                    .map(|d| shard_for("demo", d, shards))
-                    .sum::<usize>()
-            })
+            b.iter(|| ids.iter().map(|d| shard_for("demo", d, shards)).sum::<usize>())
         });
     }
     g.finish();
@@ -42,15 +38,9 @@ fn wheel(c: &mut Criterion) {
 }
 
 fn table(c: &mut Criterion) {
-    let limits = QueueLimits {
-        window: 64,
-        max_msgs: 4096,
-        max_bytes: 1 << 24,
-    };
-    let mut t = DeviceTable::new(1, limits, 65_536, 0);
-    let keys: Vec<usize> = (0..1000)
-        .map(|i| t.attach(0, &format!("d{i}"), 0, i).device)
-        .collect();
+    let limits = QueueLimits { window: 64, max_msgs: 4096, max_bytes: 1 << 24 };
+    let mut t = DeviceTable::new(1, limits, 65_536, 0, true);
+    let keys: Vec<usize> = (0..1000).map(|i| t.attach(0, &format!("d{i}"), 0, i, 0).device).collect();
     let payload: Arc<[u8]> = Arc::from(vec![0u8; 64]);
     let mut out = Vec::with_capacity(1 << 20);
     let mut g = c.benchmark_group("device_table");
@@ -61,10 +51,10 @@ fn table(c: &mut Criterion) {
             out.clear();
             for &k in &keys {
                 push_id += 1;
-                t.enqueue(k, push_id, u64::MAX, &payload).unwrap();
-                t.fill(k, 1, &mut out, usize::MAX);
+                t.enqueue(k, push_id, u64::MAX, &payload, 0).unwrap();
+                t.fill(k, 1, 5, &mut out, usize::MAX);
                 let acked = t.device(k).acked();
-                t.on_ack(k, acked + 1);
+                t.on_ack(k, acked + 1, 9);
             }
             black_box(out.len())
         })

@@ -1,9 +1,7 @@
 //! The `ringpush` command line: `serve`, `token`, `device`, `push`.
 //! Every setting has a default, so `ringpush serve` runs a working box with no file.
 
-use crate::client::{
-    unix_ms, AppClient, ClientError, DeviceClient, DeviceEvent, PushOutcome, PushTarget,
-};
+use crate::client::{unix_ms, AppClient, ClientError, DeviceClient, DeviceEvent, PushOutcome, PushTarget};
 use crate::config::Config;
 use crate::duration;
 use clap::{Args, Parser, Subcommand};
@@ -32,6 +30,21 @@ pub enum Command {
     Device(DeviceArgs),
     /// Push a message to one device, a list of devices, or every device of an app.
     Push(PushArgs),
+    /// Show a running box's sessions, push rates and latencies (from its HTTP port).
+    Stats(StatsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StatsArgs {
+    /// HTTP port of the box, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:7200")]
+    pub server: String,
+    /// Print one summary and exit (the default when stdout is not a terminal).
+    #[arg(long)]
+    pub once: bool,
+    /// Time between samples; rates are computed over it.
+    #[arg(long, default_value = "1s", value_parser = duration::parse)]
+    pub interval: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -99,11 +112,7 @@ pub struct PushArgs {
     #[arg(long)]
     pub secret: String,
     /// Target device; repeat for a multicast.
-    #[arg(
-        long = "device",
-        conflicts_with = "all",
-        required_unless_present = "all"
-    )]
+    #[arg(long = "device", conflicts_with = "all", required_unless_present = "all")]
     pub devices: Vec<String>,
     /// Broadcast to every device of the app.
     #[arg(long)]
@@ -120,14 +129,12 @@ pub fn run(cli: Cli) -> i32 {
         Command::Serve(a) => serve(a),
         Command::Token(a) => {
             let expiry = unix_ms() / 1000 + a.ttl.as_secs();
-            println!(
-                "{}",
-                DeviceToken::mint(a.secret.as_bytes(), &a.app, &a.device, expiry).to_hex()
-            );
+            println!("{}", DeviceToken::mint(a.secret.as_bytes(), &a.app, &a.device, expiry).to_hex());
             Ok(())
         }
         Command::Device(a) => on_executor(device(a)),
         Command::Push(a) => on_executor(push(a)),
+        Command::Stats(a) => crate::stats_cli::run(&a.server, a.once, a.interval),
     };
     match result {
         Ok(()) => 0,
@@ -138,9 +145,7 @@ pub fn run(cli: Cli) -> i32 {
     }
 }
 
-fn on_executor<F: std::future::Future<Output = Result<(), String>> + 'static>(
-    f: F,
-) -> Result<(), String> {
+fn on_executor<F: std::future::Future<Output = Result<(), String>> + 'static>(f: F) -> Result<(), String> {
     glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .make()
         .map_err(|e| format!("cannot start the executor: {e}"))?
@@ -150,10 +155,7 @@ fn on_executor<F: std::future::Future<Output = Result<(), String>> + 'static>(
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 fn serve(a: ServeArgs) -> Result<(), String> {
@@ -178,24 +180,16 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         cfg.shards = v;
     }
     if let Some(secret) = cfg.ensure_demo_app()? {
-        tracing::info!(
-            "app \"demo\" secret: {secret} (kept in {})",
-            cfg.data_dir.join("demo.secret").display()
-        );
+        tracing::info!("app \"demo\" secret: {secret} (kept in {})", cfg.data_dir.join("demo.secret").display());
     }
     cfg.validate()?;
     let shutdown = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, Arc::clone(&shutdown))
-            .map_err(|e| format!("cannot handle signals: {e}"))?;
+        signal_hook::flag::register(sig, Arc::clone(&shutdown)).map_err(|e| format!("cannot handle signals: {e}"))?;
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        profile = if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        },
+        profile = if cfg!(debug_assertions) { "debug" } else { "release" },
         "starting ringpush"
     );
     crate::server::run(cfg, shutdown, |r| {
@@ -203,10 +197,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             shards = r.shards, cpus = ?r.cpus, device = %r.device_addr, app = %r.app_addr,
             http = %r.http_addr, "ready"
         );
-        println!(
-            "ringpush ready device={} app={} http={} shards={}",
-            r.device_addr, r.app_addr, r.http_addr, r.shards
-        );
+        println!("ringpush ready device={} app={} http={} shards={}", r.device_addr, r.app_addr, r.http_addr, r.shards);
         let _ = std::io::stdout().flush();
     })?;
     tracing::info!("stopped cleanly");
@@ -216,30 +207,23 @@ fn serve(a: ServeArgs) -> Result<(), String> {
 async fn device(a: DeviceArgs) -> Result<(), String> {
     let token = match (&a.token, &a.secret) {
         (Some(t), _) => DeviceToken::from_hex(t).map_err(|e| e.to_string())?,
-        (None, Some(s)) => {
-            DeviceToken::mint(s.as_bytes(), &a.app, &a.device, unix_ms() / 1000 + 86_400)
-        }
+        (None, Some(s)) => DeviceToken::mint(s.as_bytes(), &a.app, &a.device, unix_ms() / 1000 + 86_400),
         (None, None) => return Err("give --token or --secret".into()),
     };
     let mut last_acked = 0u64;
     let mut received = 0u64;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let mut dev =
-            match DeviceClient::connect(a.server.as_str(), &a.app, &a.device, token, last_acked)
-                .await
-            {
-                Ok(d) => d,
-                Err(ClientError::Server { code, message }) => {
-                    return Err(format!("server refused: {code}: {message}"))
-                }
-                Err(e) => {
-                    eprintln!("ringpush: connect failed ({e}); retrying in {backoff:?}");
-                    glommio::timer::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
-                    continue;
-                }
-            };
+        let mut dev = match DeviceClient::connect(a.server.as_str(), &a.app, &a.device, token, last_acked).await {
+            Ok(d) => d,
+            Err(ClientError::Server { code, message }) => return Err(format!("server refused: {code}: {message}")),
+            Err(e) => {
+                eprintln!("ringpush: connect failed ({e}); retrying in {backoff:?}");
+                glommio::timer::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
         backoff = Duration::from_millis(100);
         last_acked = last_acked.max(dev.welcome.acked_seq);
         let heartbeat = Duration::from_millis(dev.welcome.heartbeat_ms as u64);
@@ -302,19 +286,13 @@ async fn push(a: PushArgs) -> Result<(), String> {
     let mut app = AppClient::connect(a.server.as_str(), &a.app, a.secret.as_bytes())
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", a.server))?;
-    let ttl = a
-        .ttl
-        .map_or(0, |d| d.as_secs().clamp(1, u32::MAX as u64) as u32);
+    let ttl = a.ttl.map_or(0, |d| d.as_secs().clamp(1, u32::MAX as u64) as u32);
     let target = match (a.all, a.devices.len()) {
         (true, _) => PushTarget::App,
         (false, 1) => PushTarget::Device(&a.devices[0]),
         (false, _) => PushTarget::List(&a.devices),
     };
-    match app
-        .push(target, ttl, a.payload.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?
-    {
+    match app.push(target, ttl, a.payload.as_bytes()).await.map_err(|e| e.to_string())? {
         PushOutcome::Accepted(id) => {
             println!("{id}");
             Ok(())

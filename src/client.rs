@@ -24,9 +24,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use ringpush_protocol::app::{encode_push_list, AppFrame, Auth, Push, Target};
 use ringpush_protocol::device::{Ack, DeviceFrame, Hello, Welcome};
-use ringpush_protocol::{
-    token, DecodeError, DeviceToken, ErrorCode, Limits, Preamble, Receipt, Role, PREAMBLE_LEN,
-};
+use ringpush_protocol::{token, DecodeError, DeviceToken, ErrorCode, Limits, Preamble, Receipt, Role, PREAMBLE_LEN};
 use std::fmt;
 use std::net::ToSocketAddrs;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -72,10 +70,7 @@ impl From<glommio::GlommioError<()>> for ClientError {
 }
 
 pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// A byte stream with a receive buffer and frame decoding.
@@ -101,10 +96,7 @@ impl Conn {
             stream,
             buf: Vec::with_capacity(4096),
             start: 0,
-            limits: Limits {
-                max_frame: ringpush_protocol::wire::MAX_FRAME_CEILING,
-                max_targets: u16::MAX,
-            },
+            limits: Limits { max_frame: ringpush_protocol::wire::MAX_FRAME_CEILING, max_targets: u16::MAX },
         };
         while c.buf.len() < PREAMBLE_LEN {
             c.fill().await?;
@@ -207,15 +199,10 @@ impl DeviceClient {
         .encode(&mut hello);
         let mut conn = Conn::open(addr, Role::Device, &hello).await?;
         let (a, b) = conn.frame(device_len).await?;
-        let welcome = match DeviceFrame::decode(&conn.buf[a..b], &conn.limits)
-            .map_err(ClientError::Protocol)?
-        {
+        let welcome = match DeviceFrame::decode(&conn.buf[a..b], &conn.limits).map_err(ClientError::Protocol)? {
             Some((DeviceFrame::Welcome(w), _)) => w,
             Some((DeviceFrame::Error(e), _)) => {
-                return Err(ClientError::Server {
-                    code: e.code,
-                    message: e.message.into(),
-                })
+                return Err(ClientError::Server { code: e.code, message: e.message.into() })
             }
             Some((f, _)) => {
                 return Err(ClientError::Server {
@@ -225,11 +212,7 @@ impl DeviceClient {
             }
             None => unreachable!("frame() returns whole frames"),
         };
-        Ok(DeviceClient {
-            conn,
-            welcome,
-            out: Vec::with_capacity(64),
-        })
+        Ok(DeviceClient { conn, welcome, out: Vec::with_capacity(64) })
     }
 
     /// The next message, PONG or BYE. PINGs from the server are answered here.
@@ -251,15 +234,8 @@ impl DeviceClient {
                     }))
                 }
                 DeviceFrame::Pong(n) => return Ok(DeviceEvent::Pong(n)),
-                DeviceFrame::Bye(b) => {
-                    return Ok(DeviceEvent::Bye(b.reason, b.redirect.to_string()))
-                }
-                DeviceFrame::Error(e) => {
-                    return Err(ClientError::Server {
-                        code: e.code,
-                        message: e.message.into(),
-                    })
-                }
+                DeviceFrame::Bye(b) => return Ok(DeviceEvent::Bye(b.reason, b.redirect.to_string())),
+                DeviceFrame::Error(e) => return Err(ClientError::Server { code: e.code, message: e.message.into() }),
                 DeviceFrame::Ping(n) => {
                     let mut o = Vec::new();
                     DeviceFrame::Pong(n).encode(&mut o);
@@ -277,19 +253,12 @@ impl DeviceClient {
 
     /// Whether a whole frame is already buffered (so `next_event` will not wait).
     pub fn has_buffered_frame(&self) -> bool {
-        matches!(
-            device_len(&self.conn.buf[self.conn.start..], &self.conn.limits),
-            Ok(Some(_))
-        )
+        matches!(device_len(&self.conn.buf[self.conn.start..], &self.conn.limits), Ok(Some(_)))
     }
 
     /// Cumulative ACK of every message with seq ≤ `seq`.
     pub async fn ack(&mut self, seq: u64) -> Result<(), ClientError> {
-        self.send(DeviceFrame::Ack(Ack {
-            seq,
-            broadcast_seq: 0,
-        }))
-        .await
+        self.send(DeviceFrame::Ack(Ack { seq, broadcast_seq: 0 })).await
     }
 
     pub async fn ping(&mut self, nonce: u64) -> Result<(), ClientError> {
@@ -309,11 +278,7 @@ impl DeviceClient {
 
     /// Says BYE and closes.
     pub async fn close(mut self) -> Result<(), ClientError> {
-        self.send(DeviceFrame::Bye(ringpush_protocol::Bye {
-            reason: ErrorCode::OK,
-            redirect: "",
-        }))
-        .await?;
+        self.send(DeviceFrame::Bye(ringpush_protocol::Bye { reason: ErrorCode::OK, redirect: "" })).await?;
         self.conn.stream.close().await?;
         Ok(())
     }
@@ -356,40 +321,25 @@ pub struct AppClient {
 }
 
 impl AppClient {
-    pub async fn connect(
-        addr: impl ToSocketAddrs,
-        app: &str,
-        secret: &[u8],
-    ) -> Result<AppClient, ClientError> {
+    pub async fn connect(addr: impl ToSocketAddrs, app: &str, secret: &[u8]) -> Result<AppClient, ClientError> {
         let ts = unix_ms();
         let mut auth = Vec::with_capacity(128);
-        AppFrame::Auth(Auth {
-            app_id: app,
-            timestamp_ms: ts,
-            proof: token::auth_proof(secret, app, ts),
-        })
-        .encode(&mut auth);
+        AppFrame::Auth(Auth { app_id: app, timestamp_ms: ts, proof: token::auth_proof(secret, app, ts) })
+            .encode(&mut auth);
         let mut conn = Conn::open(addr, Role::App, &auth).await?;
         let (a, b) = conn.frame(app_len).await?;
-        let limits =
-            match AppFrame::decode(&conn.buf[a..b], &conn.limits).map_err(ClientError::Protocol)? {
-                Some((AppFrame::AuthOk(ok), _)) => Limits {
-                    max_frame: ok.max_frame,
-                    max_targets: ok.max_targets,
-                },
-                Some((AppFrame::Error(e), _)) => {
-                    return Err(ClientError::Server {
-                        code: e.code,
-                        message: e.message.into(),
-                    })
-                }
-                other => {
-                    return Err(ClientError::Server {
-                        code: ErrorCode::UNEXPECTED_FRAME,
-                        message: format!("expected AUTH_OK, got {other:?}"),
-                    })
-                }
-            };
+        let limits = match AppFrame::decode(&conn.buf[a..b], &conn.limits).map_err(ClientError::Protocol)? {
+            Some((AppFrame::AuthOk(ok), _)) => Limits { max_frame: ok.max_frame, max_targets: ok.max_targets },
+            Some((AppFrame::Error(e), _)) => {
+                return Err(ClientError::Server { code: e.code, message: e.message.into() })
+            }
+            other => {
+                return Err(ClientError::Server {
+                    code: ErrorCode::UNEXPECTED_FRAME,
+                    message: format!("expected AUTH_OK, got {other:?}"),
+                })
+            }
+        };
         Ok(AppClient {
             conn,
             out: Vec::with_capacity(64 * 1024),
@@ -410,25 +360,13 @@ impl AppClient {
         let request_id = self.next_request;
         self.next_request += 1;
         match target {
-            PushTarget::Device(d) => AppFrame::Push(Push {
-                request_id,
-                ttl_secs,
-                flags: 0,
-                target: Target::Device(d),
-                payload,
-            })
-            .encode(&mut self.out),
-            PushTarget::List(l) => {
-                encode_push_list(&mut self.out, request_id, ttl_secs, l, payload)
+            PushTarget::Device(d) => {
+                AppFrame::Push(Push { request_id, ttl_secs, flags: 0, target: Target::Device(d), payload })
+                    .encode(&mut self.out)
             }
-            PushTarget::App => AppFrame::Push(Push {
-                request_id,
-                ttl_secs,
-                flags: 0,
-                target: Target::App,
-                payload,
-            })
-            .encode(&mut self.out),
+            PushTarget::List(l) => encode_push_list(&mut self.out, request_id, ttl_secs, l, payload),
+            PushTarget::App => AppFrame::Push(Push { request_id, ttl_secs, flags: 0, target: Target::App, payload })
+                .encode(&mut self.out),
         }
         request_id
     }
@@ -437,11 +375,7 @@ impl AppClient {
     pub fn queue_receipt(&mut self, push_id: u64) -> u64 {
         let request_id = self.next_request;
         self.next_request += 1;
-        AppFrame::ReceiptQuery {
-            request_id,
-            push_id,
-        }
-        .encode(&mut self.out);
+        AppFrame::ReceiptQuery { request_id, push_id }.encode(&mut self.out);
         request_id
     }
 
@@ -466,25 +400,14 @@ impl AppClient {
             .expect("whole frame")
             .0;
         Ok(match frame {
-            AppFrame::Accepted {
-                request_id,
-                push_id,
-            } => AppReply::Push(request_id, PushOutcome::Accepted(push_id)),
-            AppFrame::Rejected(r) => {
-                AppReply::Push(r.request_id, PushOutcome::Rejected(r.code, r.reason.into()))
+            AppFrame::Accepted { request_id, push_id } => AppReply::Push(request_id, PushOutcome::Accepted(push_id)),
+            AppFrame::Rejected(r) => AppReply::Push(r.request_id, PushOutcome::Rejected(r.code, r.reason.into())),
+            AppFrame::Busy { request_id, retry_after_ms } => {
+                AppReply::Push(request_id, PushOutcome::Busy(retry_after_ms))
             }
-            AppFrame::Busy {
-                request_id,
-                retry_after_ms,
-            } => AppReply::Push(request_id, PushOutcome::Busy(retry_after_ms)),
             AppFrame::Receipt(r) => AppReply::Receipt(r),
             AppFrame::Pong(n) => AppReply::Pong(n),
-            AppFrame::Error(e) => {
-                return Err(ClientError::Server {
-                    code: e.code,
-                    message: e.message.into(),
-                })
-            }
+            AppFrame::Error(e) => return Err(ClientError::Server { code: e.code, message: e.message.into() }),
             other => {
                 return Err(ClientError::Server {
                     code: ErrorCode::UNEXPECTED_FRAME,
@@ -513,10 +436,7 @@ impl AppClient {
     }
 
     /// Asks for a push's delivery counts.
-    pub async fn receipt(
-        &mut self,
-        push_id: u64,
-    ) -> Result<Result<Receipt, ErrorCode>, ClientError> {
+    pub async fn receipt(&mut self, push_id: u64) -> Result<Result<Receipt, ErrorCode>, ClientError> {
         let id = self.queue_receipt(push_id);
         self.flush().await?;
         match self.next_reply().await? {

@@ -64,6 +64,9 @@ pub struct Config {
     /// Allowed skew between an app's AUTH timestamp and the server clock.
     #[serde(with = "serde_str")]
     pub auth_skew: Duration,
+    /// Record latency histograms (counters are always kept). Off only to measure
+    /// what the histograms cost.
+    pub metrics: bool,
     /// Time to finish in-flight work after SIGTERM before exiting anyway.
     #[serde(with = "serde_str")]
     pub shutdown_grace: Duration,
@@ -95,6 +98,7 @@ impl Default for Config {
             max_inflight_per_app: 8192,
             receipts_per_shard: 65_536,
             auth_skew: Duration::from_secs(300),
+            metrics: true,
             shutdown_grace: Duration::from_secs(5),
             apps: Vec::new(),
         }
@@ -104,8 +108,7 @@ impl Default for Config {
 impl Config {
     /// Reads a TOML file; unknown keys are errors so typos do not pass silently.
     pub fn from_file(path: &Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
     }
 
@@ -116,10 +119,7 @@ impl Config {
             ringpush_protocol::wire::check_id(&a.id, ringpush_protocol::wire::MAX_APP_ID)
                 .map_err(|e| format!("apps: id {:?}: {}", a.id, e.what))?;
             if a.secret.len() < 16 {
-                return Err(format!(
-                    "apps: secret of {:?} must be at least 16 bytes",
-                    a.id
-                ));
+                return Err(format!("apps: secret of {:?} must be at least 16 bytes", a.id));
             }
             if !ids.insert(&a.id) {
                 return Err(format!("apps: {:?} is configured twice", a.id));
@@ -131,18 +131,12 @@ impl Config {
         let checks: [(&str, bool); 8] = [
             ("heartbeat", self.heartbeat >= Duration::from_millis(100)),
             ("window", self.window >= 1),
-            (
-                "max_queued_per_device",
-                self.max_queued_per_device >= self.window,
-            ),
+            ("max_queued_per_device", self.max_queued_per_device >= self.window),
             ("shard_queue", self.shard_queue >= 1),
             ("max_targets", self.max_targets >= 1),
             ("max_device_frame", self.max_device_frame >= 256),
             ("max_app_frame", self.max_app_frame >= 256),
-            (
-                "default_ttl",
-                self.default_ttl <= self.max_ttl && self.default_ttl.as_secs() >= 1,
-            ),
+            ("default_ttl", self.default_ttl <= self.max_ttl && self.default_ttl.as_secs() >= 1),
         ];
         for (key, ok) in checks {
             if !ok {
@@ -167,16 +161,12 @@ impl Config {
             Ok(_) => return Err(format!("{} is too short to be a secret", path.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let s = hex::encode(rand::random::<[u8; 16]>());
-                write_private(&path, &s)
-                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                write_private(&path, &s).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
                 s
             }
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
-        self.apps.push(AppConfig {
-            id: "demo".into(),
-            secret: secret.clone(),
-        });
+        self.apps.push(AppConfig { id: "demo".into(), secret: secret.clone() });
         Ok(Some(secret))
     }
 }
@@ -184,11 +174,7 @@ impl Config {
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()
 }
@@ -209,10 +195,8 @@ mod tests {
 
     #[test]
     fn parses_durations_and_apps_and_rejects_typos() {
-        let c: Config = toml::from_str(
-            "heartbeat = \"5s\"\n[[apps]]\nid = \"news\"\nsecret = \"0123456789abcdef\"\n",
-        )
-        .unwrap();
+        let c: Config =
+            toml::from_str("heartbeat = \"5s\"\n[[apps]]\nid = \"news\"\nsecret = \"0123456789abcdef\"\n").unwrap();
         assert_eq!(c.heartbeat, Duration::from_secs(5));
         assert_eq!(c.apps[0].id, "news");
         c.validate().unwrap();
@@ -223,30 +207,18 @@ mod tests {
     #[test]
     fn validation_names_the_key() {
         let mut c = Config::default();
-        c.apps.push(AppConfig {
-            id: "a".into(),
-            secret: "short".into(),
-        });
+        c.apps.push(AppConfig { id: "a".into(), secret: "short".into() });
         assert!(c.validate().unwrap_err().contains("at least 16"));
-        let c = Config {
-            window: 0,
-            ..Config::default()
-        };
+        let c = Config { window: 0, ..Config::default() };
         assert!(c.validate().unwrap_err().contains("window"));
     }
 
     #[test]
     fn demo_secret_is_generated_once_and_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let mut c = Config {
-            data_dir: dir.path().to_path_buf(),
-            ..Config::default()
-        };
+        let mut c = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
         let s1 = c.ensure_demo_app().unwrap().unwrap();
-        let mut c2 = Config {
-            data_dir: dir.path().to_path_buf(),
-            ..Config::default()
-        };
+        let mut c2 = Config { data_dir: dir.path().to_path_buf(), ..Config::default() };
         let s2 = c2.ensure_demo_app().unwrap().unwrap();
         assert_eq!(s1, s2);
         assert_eq!(s1.len(), 32);

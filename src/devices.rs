@@ -11,6 +11,7 @@
 //! session. A new session resets `sent_upto` to `acked`, so unacked messages are sent
 //! again (at-least-once; devices de-duplicate by seq).
 
+use crate::stats::{CounterRow, Hist};
 use crate::timer::TimerWheel;
 use ringpush_protocol::device::{encode_message, Message};
 use ringpush_protocol::{ErrorCode, Receipt};
@@ -24,6 +25,8 @@ pub struct QueuedMsg {
     pub seq: u64,
     pub push_id: u64,
     pub expiry_ms: u64,
+    /// When the owner shard took it (monotonic µs), for latency histograms.
+    pub enqueued_us: u64,
     pub payload: Arc<[u8]>,
 }
 
@@ -37,6 +40,8 @@ pub struct Device {
     acked: u64,
     /// Highest seq written to the current session.
     sent_upto: u64,
+    /// Highest seq ever written to any session (to count redeliveries).
+    max_sent: u64,
     /// Messages with seq > acked, in seq order.
     queue: VecDeque<QueuedMsg>,
     queued_bytes: u64,
@@ -118,11 +123,7 @@ pub struct Receipts {
 
 impl Receipts {
     pub fn new(cap: usize) -> Self {
-        Receipts {
-            map: HashMap::new(),
-            order: VecDeque::new(),
-            cap: cap.max(1),
-        }
+        Receipts { map: HashMap::new(), order: VecDeque::new(), cap: cap.max(1) }
     }
 
     pub fn get(&self, push_id: u64) -> Option<Counts> {
@@ -159,6 +160,21 @@ pub struct TableStats {
     pub rejected_full: u64,
 }
 
+impl TableStats {
+    /// Counters as (metric, labels, value) rows.
+    pub fn rows(&self) -> Vec<CounterRow> {
+        let m = "ringpush_messages_total";
+        vec![
+            (m, vec![("event", "enqueued")], self.enqueued),
+            (m, vec![("event", "written")], self.written),
+            (m, vec![("event", "redelivered")], self.redelivered),
+            (m, vec![("event", "acked")], self.acked),
+            (m, vec![("event", "expired")], self.expired),
+            (m, vec![("event", "rejected_queue_full")], self.rejected_full),
+        ]
+    }
+}
+
 pub struct DeviceTable {
     devices: Slab<Device>,
     /// Per app index: device id → slab key.
@@ -167,11 +183,17 @@ pub struct DeviceTable {
     expiry: TimerWheel<usize>,
     limits: QueueLimits,
     pub stats: TableStats,
+    /// Push taken → written to the socket.
+    pub write_lat: Hist,
+    /// Push taken → acked by the device.
+    pub ack_lat: Hist,
+    /// Messages queued over all devices.
+    queued: u64,
     fired: Vec<usize>,
 }
 
 impl DeviceTable {
-    pub fn new(apps: usize, limits: QueueLimits, receipts: usize, now_ms: u64) -> Self {
+    pub fn new(apps: usize, limits: QueueLimits, receipts: usize, now_ms: u64, latencies: bool) -> Self {
         DeviceTable {
             devices: Slab::new(),
             index: (0..apps).map(|_| HashMap::new()).collect(),
@@ -180,6 +202,9 @@ impl DeviceTable {
             expiry: TimerWheel::new(4096, 1000, now_ms),
             limits,
             stats: TableStats::default(),
+            write_lat: Hist::new(latencies),
+            ack_lat: Hist::new(latencies),
+            queued: 0,
             fired: Vec::new(),
         }
     }
@@ -190,6 +215,11 @@ impl DeviceTable {
 
     pub fn is_empty(&self) -> bool {
         self.devices.is_empty()
+    }
+
+    /// Messages queued over all devices of this shard.
+    pub fn queued(&self) -> u64 {
+        self.queued
     }
 
     pub fn device(&self, key: usize) -> &Device {
@@ -214,6 +244,7 @@ impl DeviceTable {
             next_seq: 1,
             acked: 0,
             sent_upto: 0,
+            max_sent: 0,
             queue: VecDeque::new(),
             queued_bytes: 0,
             session: None,
@@ -226,7 +257,7 @@ impl DeviceTable {
     /// Binds `session` to the device after a valid HELLO. `last_acked` is the device's
     /// own view: it releases messages the server had not seen acked, and for a device
     /// this server has never seen it continues the seq numbering after it.
-    pub fn attach(&mut self, app: u16, id: &str, last_acked: u64, session: usize) -> Attached {
+    pub fn attach(&mut self, app: u16, id: &str, last_acked: u64, session: usize, now_us: u64) -> Attached {
         let key = self.find_or_insert(app, id);
         let d = &mut self.devices[key];
         if d.queue.is_empty() && d.next_seq <= last_acked {
@@ -235,15 +266,10 @@ impl DeviceTable {
         }
         let replaced = d.session.replace(session);
         d.sent_upto = d.acked;
-        self.ack_upto(key, last_acked.min(self.devices[key].next_seq - 1));
+        self.ack_upto(key, last_acked.min(self.devices[key].next_seq - 1), now_us);
         let d = &mut self.devices[key];
         d.sent_upto = d.acked;
-        Attached {
-            device: key,
-            replaced,
-            acked: d.acked,
-            pending: d.queue.len() as u32,
-        }
+        Attached { device: key, replaced, acked: d.acked, pending: d.queue.len() as u32 }
     }
 
     /// Unbinds `session` (if it is still the device's); in-flight messages will be
@@ -264,24 +290,19 @@ impl DeviceTable {
         push_id: u64,
         expiry_ms: u64,
         payload: &Arc<[u8]>,
+        now_us: u64,
     ) -> Result<Option<usize>, ErrorCode> {
         let limits = self.limits;
         let d = &mut self.devices[key];
-        if d.queue.len() as u64 >= limits.max_msgs as u64
-            || d.queued_bytes + payload.len() as u64 > limits.max_bytes
-        {
+        if d.queue.len() as u64 >= limits.max_msgs as u64 || d.queued_bytes + payload.len() as u64 > limits.max_bytes {
             self.stats.rejected_full += 1;
             return Err(ErrorCode::STORAGE_FULL);
         }
         let seq = d.next_seq;
         d.next_seq += 1;
         d.queued_bytes += payload.len() as u64;
-        d.queue.push_back(QueuedMsg {
-            seq,
-            push_id,
-            expiry_ms,
-            payload: Arc::clone(payload),
-        });
+        d.queue.push_back(QueuedMsg { seq, push_id, expiry_ms, enqueued_us: now_us, payload: Arc::clone(payload) });
+        self.queued += 1;
         if expiry_ms < d.expiry_armed {
             d.expiry_armed = expiry_ms;
             self.expiry.insert(key, expiry_ms);
@@ -303,9 +324,10 @@ impl DeviceTable {
         push_id: u64,
         expiry_ms: u64,
         payload: &Arc<[u8]>,
+        now_us: u64,
     ) -> Result<Option<usize>, ErrorCode> {
         let key = self.find_or_insert(app, id);
-        self.enqueue(key, push_id, expiry_ms, payload)
+        self.enqueue(key, push_id, expiry_ms, payload, now_us)
     }
 
     /// Queues for every device of `app` this shard knows; returns how many took it and
@@ -318,11 +340,12 @@ impl DeviceTable {
         expiry_ms: u64,
         payload: &Arc<[u8]>,
         wake: &mut Vec<usize>,
+        now_us: u64,
     ) -> u64 {
         let keys: Vec<usize> = self.index[app as usize].values().copied().collect();
         let mut n = 0;
         for key in keys {
-            if let Ok(s) = self.enqueue(key, push_id, expiry_ms, payload) {
+            if let Ok(s) = self.enqueue(key, push_id, expiry_ms, payload, now_us) {
                 n += 1;
                 wake.extend(s);
             }
@@ -334,17 +357,19 @@ impl DeviceTable {
 
     /// Applies a cumulative ACK from the session. Acks beyond what was sent are
     /// clamped: a device cannot ack what it never received.
-    pub fn on_ack(&mut self, key: usize, seq: u64) {
+    pub fn on_ack(&mut self, key: usize, seq: u64, now_us: u64) {
         let upto = seq.min(self.devices[key].sent_upto);
-        self.ack_upto(key, upto);
+        self.ack_upto(key, upto, now_us);
     }
 
-    fn ack_upto(&mut self, key: usize, upto: u64) {
+    fn ack_upto(&mut self, key: usize, upto: u64, now_us: u64) {
         let d = &mut self.devices[key];
         while d.queue.front().is_some_and(|m| m.seq <= upto) {
             let m = d.queue.pop_front().expect("front exists");
             d.queued_bytes -= m.payload.len() as u64;
+            self.queued -= 1;
             self.stats.acked += 1;
+            self.ack_lat.record(now_us.saturating_sub(m.enqueued_us));
             self.receipts.update(m.push_id, |c| {
                 c.delivered += 1;
                 c.stored = c.stored.saturating_sub(1);
@@ -356,7 +381,7 @@ impl DeviceTable {
     /// Encodes messages the device has not been sent yet, within the window and up to
     /// about `max_bytes`, into `out`. Expired messages are dropped, never sent.
     /// Returns how many messages were written.
-    pub fn fill(&mut self, key: usize, now_ms: u64, out: &mut Vec<u8>, max_bytes: usize) -> usize {
+    pub fn fill(&mut self, key: usize, now_ms: u64, now_us: u64, out: &mut Vec<u8>, max_bytes: usize) -> usize {
         let window = self.limits.window as usize;
         let d = &mut self.devices[key];
         let mut i = d.queue.partition_point(|m| m.seq <= d.sent_upto);
@@ -366,6 +391,7 @@ impl DeviceTable {
             if m.expiry_ms <= now_ms {
                 let m = d.queue.remove(i).expect("index in range");
                 d.queued_bytes -= m.payload.len() as u64;
+                self.queued -= 1;
                 self.stats.expired += 1;
                 self.receipts.update(m.push_id, |c| {
                     c.expired += 1;
@@ -375,15 +401,15 @@ impl DeviceTable {
             }
             encode_message(
                 out,
-                &Message {
-                    flags: 0,
-                    seq: m.seq,
-                    push_id: m.push_id,
-                    expiry_ms: m.expiry_ms,
-                    payload: &m.payload,
-                },
+                &Message { flags: 0, seq: m.seq, push_id: m.push_id, expiry_ms: m.expiry_ms, payload: &m.payload },
             );
             d.sent_upto = m.seq;
+            if m.seq <= d.max_sent {
+                self.stats.redelivered += 1;
+            } else {
+                d.max_sent = m.seq;
+            }
+            self.write_lat.record(now_us.saturating_sub(m.enqueued_us));
             written += 1;
             i += 1;
         }
@@ -422,6 +448,7 @@ impl DeviceTable {
                 }
             });
             d.queued_bytes -= freed;
+            self.queued -= expired;
             self.stats.expired += expired;
             // Re-arm only if the entry that fired was the armed one.
             if d.expiry_armed <= now_ms {
@@ -449,12 +476,8 @@ mod tests {
     const NOW: u64 = 1_000_000;
 
     fn table() -> DeviceTable {
-        let limits = QueueLimits {
-            window: 3,
-            max_msgs: 5,
-            max_bytes: 1000,
-        };
-        DeviceTable::new(2, limits, 100, NOW)
+        let limits = QueueLimits { window: 3, max_msgs: 5, max_bytes: 1000 };
+        DeviceTable::new(2, limits, 100, NOW, true)
     }
 
     fn payload(s: &str) -> Arc<[u8]> {
@@ -466,9 +489,7 @@ mod tests {
         let mut rest = out;
         let mut v = Vec::new();
         while let Some((f, n)) = DeviceFrame::decode(rest, &Limits::default()).unwrap() {
-            let DeviceFrame::Message(m) = f else {
-                panic!("{f:?}")
-            };
+            let DeviceFrame::Message(m) = f else { panic!("{f:?}") };
             v.push(m.seq);
             rest = &rest[n..];
         }
@@ -477,63 +498,44 @@ mod tests {
 
     fn fill(t: &mut DeviceTable, key: usize) -> Vec<u64> {
         let mut out = Vec::new();
-        t.fill(key, NOW, &mut out, 1 << 20);
+        t.fill(key, NOW, 0, &mut out, 1 << 20);
         seqs(&out)
     }
 
     #[test]
     fn in_order_delivery_within_the_window_and_cumulative_acks() {
         let mut t = table();
-        let a = t.attach(0, "d", 0, 7);
-        assert_eq!(
-            a,
-            Attached {
-                device: a.device,
-                replaced: None,
-                acked: 0,
-                pending: 0
-            }
-        );
+        let a = t.attach(0, "d", 0, 7, 0);
+        assert_eq!(a, Attached { device: a.device, replaced: None, acked: 0, pending: 0 });
         for i in 0..5 {
-            assert_eq!(
-                t.enqueue(a.device, 100 + i, NOW + 10_000, &payload("x")),
-                Ok(Some(7))
-            );
+            assert_eq!(t.enqueue(a.device, 100 + i, NOW + 10_000, &payload("x"), 0), Ok(Some(7)));
         }
         assert_eq!(fill(&mut t, a.device), [1, 2, 3], "window of 3");
         assert_eq!(fill(&mut t, a.device), Vec::<u64>::new(), "window full");
-        t.on_ack(a.device, 2);
+        t.on_ack(a.device, 2, 0);
         assert_eq!(fill(&mut t, a.device), [4, 5]);
-        t.on_ack(a.device, 99); // clamped to what was sent
+        t.on_ack(a.device, 99, 0); // clamped to what was sent
         assert_eq!(t.device(a.device).acked(), 5);
         assert_eq!(t.device(a.device).pending(), 0);
-        assert_eq!(
-            t.receipt(100).unwrap(),
-            Counts {
-                targeted: 1,
-                delivered: 1,
-                stored: 0,
-                expired: 0
-            }
-        );
+        assert_eq!(t.receipt(100).unwrap(), Counts { targeted: 1, delivered: 1, stored: 0, expired: 0 });
     }
 
     #[test]
     fn unacked_messages_are_resent_after_reconnect() {
         let mut t = table();
-        let a = t.attach(0, "d", 0, 1);
+        let a = t.attach(0, "d", 0, 1, 0);
         for i in 0..3 {
-            t.enqueue(a.device, i, NOW + 10_000, &payload("x")).unwrap();
+            t.enqueue(a.device, i, NOW + 10_000, &payload("x"), 0).unwrap();
         }
         assert_eq!(fill(&mut t, a.device), [1, 2, 3]);
-        t.on_ack(a.device, 1);
+        t.on_ack(a.device, 1, 0);
         t.detach(a.device, 1);
-        let b = t.attach(0, "d", 1, 2);
+        let b = t.attach(0, "d", 1, 2, 0);
         assert_eq!((b.acked, b.pending, b.replaced), (1, 2, None));
         assert_eq!(fill(&mut t, b.device), [2, 3]);
         // The device had processed 2 before the reconnect and says so in HELLO.
         t.detach(b.device, 2);
-        let c = t.attach(0, "d", 2, 3);
+        let c = t.attach(0, "d", 2, 3, 0);
         assert_eq!((c.acked, c.pending), (2, 1));
         assert_eq!(fill(&mut t, c.device), [3]);
     }
@@ -541,8 +543,8 @@ mod tests {
     #[test]
     fn second_login_replaces_the_first() {
         let mut t = table();
-        let a = t.attach(1, "d", 0, 10);
-        let b = t.attach(1, "d", 0, 11);
+        let a = t.attach(1, "d", 0, 10, 0);
+        let b = t.attach(1, "d", 0, 11, 0);
         assert_eq!(b.replaced, Some(10));
         // The replaced session detaching later does not unbind the new one.
         t.detach(a.device, 10);
@@ -552,9 +554,9 @@ mod tests {
     #[test]
     fn unknown_device_continues_after_its_own_last_acked() {
         let mut t = table();
-        let a = t.attach(0, "d", 41, 1);
+        let a = t.attach(0, "d", 41, 1, 0);
         assert_eq!(a.acked, 41);
-        t.enqueue(a.device, 1, NOW + 1000, &payload("x")).unwrap();
+        t.enqueue(a.device, 1, NOW + 1000, &payload("x"), 0).unwrap();
         assert_eq!(fill(&mut t, a.device), [42]);
     }
 
@@ -562,62 +564,44 @@ mod tests {
     fn queues_are_bounded_by_count_and_bytes() {
         let mut t = table();
         for i in 0..5 {
-            t.enqueue_to(0, "off", i, NOW + 1000, &payload("x"))
-                .unwrap();
+            t.enqueue_to(0, "off", i, NOW + 1000, &payload("x"), 0).unwrap();
         }
-        assert_eq!(
-            t.enqueue_to(0, "off", 9, NOW + 1000, &payload("x")),
-            Err(ErrorCode::STORAGE_FULL)
-        );
+        assert_eq!(t.enqueue_to(0, "off", 9, NOW + 1000, &payload("x"), 0), Err(ErrorCode::STORAGE_FULL));
         let big: Arc<[u8]> = Arc::from(vec![0u8; 1001]);
-        assert_eq!(
-            t.enqueue_to(0, "other", 1, NOW + 1000, &big),
-            Err(ErrorCode::STORAGE_FULL)
-        );
+        assert_eq!(t.enqueue_to(0, "other", 1, NOW + 1000, &big, 0), Err(ErrorCode::STORAGE_FULL));
         assert_eq!(t.stats.rejected_full, 2);
     }
 
     #[test]
     fn expired_messages_are_never_sent_and_are_counted() {
         let mut t = table();
-        let k = t.attach(0, "d", 0, 1).device;
-        t.enqueue(k, 1, NOW - 1, &payload("old")).unwrap();
-        t.enqueue(k, 2, NOW + 5_000, &payload("new")).unwrap();
+        let k = t.attach(0, "d", 0, 1, 0).device;
+        t.enqueue(k, 1, NOW - 1, &payload("old"), 0).unwrap();
+        t.enqueue(k, 2, NOW + 5_000, &payload("new"), 0).unwrap();
         assert_eq!(fill(&mut t, k), [2]);
         assert_eq!(t.receipt(1).unwrap().expired, 1);
         // Offline device: the wheel drops it when its time comes.
-        t.enqueue_to(0, "off", 3, NOW + 2_000, &payload("x"))
-            .unwrap();
-        t.enqueue_to(0, "off", 4, NOW + 9_000, &payload("y"))
-            .unwrap();
+        t.enqueue_to(0, "off", 3, NOW + 2_000, &payload("x"), 0).unwrap();
+        t.enqueue_to(0, "off", 4, NOW + 9_000, &payload("y"), 0).unwrap();
         t.expire(NOW + 1_000);
         assert_eq!(t.device(t.find(0, "off").unwrap()).pending(), 2);
         t.expire(NOW + 2_500);
         assert_eq!(t.device(t.find(0, "off").unwrap()).pending(), 1);
         t.expire(NOW + 9_500);
         assert_eq!(t.device(t.find(0, "off").unwrap()).pending(), 0);
-        assert_eq!(
-            t.receipt(4).unwrap(),
-            Counts {
-                targeted: 1,
-                delivered: 0,
-                stored: 0,
-                expired: 1
-            }
-        );
+        assert_eq!(t.receipt(4).unwrap(), Counts { targeted: 1, delivered: 0, stored: 0, expired: 1 });
     }
 
     #[test]
     fn broadcast_reaches_every_known_device_of_the_app_once() {
         let mut t = table();
-        t.attach(0, "a", 0, 1);
-        t.attach(0, "b", 0, 2);
-        t.enqueue_to(0, "offline", 5, NOW + 100, &payload("u"))
-            .unwrap();
-        t.attach(1, "other-app", 0, 3);
+        t.attach(0, "a", 0, 1, 0);
+        t.attach(0, "b", 0, 2, 0);
+        t.enqueue_to(0, "offline", 5, NOW + 100, &payload("u"), 0).unwrap();
+        t.attach(1, "other-app", 0, 3, 0);
         let p = payload("all");
         let mut wake = Vec::new();
-        assert_eq!(t.broadcast(0, 77, NOW + 1000, &p, &mut wake), 3);
+        assert_eq!(t.broadcast(0, 77, NOW + 1000, &p, &mut wake, 0), 3);
         wake.sort();
         assert_eq!(wake, [1, 2]);
         assert_eq!(Arc::strong_count(&p), 4, "payload stored once, shared");

@@ -9,20 +9,14 @@ pub fn parse(s: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .ok_or_else(|| format!("duration {s:?} needs a unit: ms, s, m, h or d (e.g. 30s)"))?;
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
+    let n: u64 = num.parse().map_err(|_| format!("duration {s:?} must start with a whole number"))?;
     let ms = match unit {
         "ms" => Some(n),
         "s" => n.checked_mul(1000),
         "m" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
         "d" => n.checked_mul(86_400_000),
-        _ => {
-            return Err(format!(
-                "duration {s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
-            ))
-        }
+        _ => return Err(format!("duration {s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
     }
     .ok_or_else(|| format!("duration {s:?} is too large"))?;
     Ok(Duration::from_millis(ms))
@@ -31,12 +25,7 @@ pub fn parse(s: &str) -> Result<Duration, String> {
 /// Formats a duration in the largest unit that divides it exactly.
 pub fn format(d: Duration) -> String {
     let ms = d.as_millis() as u64;
-    for (unit, size) in [
-        ("d", 86_400_000),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1000),
-    ] {
+    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)] {
         if ms > 0 && ms.is_multiple_of(size) {
             return format!("{}{unit}", ms / size);
         }
@@ -77,9 +66,7 @@ mod tests {
         assert!(parse("30").unwrap_err().contains("needs a unit"));
         assert!(parse("s").unwrap_err().contains("whole number"));
         assert!(parse("3w").unwrap_err().contains("unknown unit"));
-        assert!(parse("99999999999999999d")
-            .unwrap_err()
-            .contains("too large"));
+        assert!(parse("99999999999999999d").unwrap_err().contains("too large"));
     }
 
     #[test]

@@ -7,8 +7,10 @@
 //! |---|---|
 //! | `GET /healthz` | 200 `ok` while the process runs |
 //! | `GET /readyz` | 200 `ready` once every shard accepts connections; 503 while starting or shutting down |
+//! | `GET /metrics` | Prometheus text: every shard's counters and gauges, merged latency summaries |
+//! | `GET /stats` | the same as JSON, for `ringpush stats` |
 //!
-//! Metrics (`/metrics`) arrive with the observability work.
+//! `/metrics` and `/stats` gather a snapshot from every shard over the request mesh.
 
 use crate::shard::ShardCore;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -32,14 +34,25 @@ pub async fn serve(core: Rc<ShardCore>, listener: TcpListener) {
     }
 }
 
-/// Status line and body for a request, by method and path.
-pub fn route(method: &str, path: &str, ready: bool) -> (u16, &'static str) {
+/// What a request asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// A fixed answer: status and body.
+    Fixed(u16, &'static str),
+    Metrics,
+    Stats,
+}
+
+/// Routes a request by method and path.
+pub fn route(method: &str, path: &str, ready: bool) -> Route {
     match (method, path) {
-        ("GET" | "HEAD", "/healthz") => (200, "ok\n"),
-        ("GET" | "HEAD", "/readyz") if ready => (200, "ready\n"),
-        ("GET" | "HEAD", "/readyz") => (503, "not ready\n"),
-        ("GET" | "HEAD", _) => (404, "not found\n"),
-        _ => (405, "method not allowed\n"),
+        ("GET" | "HEAD", "/healthz") => Route::Fixed(200, "ok\n"),
+        ("GET" | "HEAD", "/readyz") if ready => Route::Fixed(200, "ready\n"),
+        ("GET" | "HEAD", "/readyz") => Route::Fixed(503, "not ready\n"),
+        ("GET" | "HEAD", "/metrics") => Route::Metrics,
+        ("GET" | "HEAD", "/stats") => Route::Stats,
+        ("GET" | "HEAD", _) => Route::Fixed(404, "not found\n"),
+        _ => Route::Fixed(405, "method not allowed\n"),
     }
 }
 
@@ -47,7 +60,7 @@ async fn handle(core: Rc<ShardCore>, mut stream: TcpStream) {
     let _ = glommio::timer::timeout(Duration::from_secs(5), async {
         let mut buf = vec![0u8; 8192];
         let mut len = 0;
-        let (status, body) = loop {
+        let route = loop {
             let n = match stream.read(&mut buf[len..]).await {
                 Ok(0) | Err(_) => return Ok(()),
                 Ok(n) => n,
@@ -61,7 +74,18 @@ async fn handle(core: Rc<ShardCore>, mut stream: TcpStream) {
                     break route(req.method.unwrap_or(""), req.path.unwrap_or(""), ready);
                 }
                 Ok(httparse::Status::Partial) if len < buf.len() => continue,
-                _ => break (400, "bad request\n"),
+                _ => break Route::Fixed(400, "bad request\n"),
+            }
+        };
+        let (status, ctype, body) = match route {
+            Route::Fixed(status, body) => (status, "text/plain", body.to_string()),
+            Route::Metrics => {
+                let snaps = core.gather().await;
+                (200, "text/plain; version=0.0.4", crate::export::prometheus(&snaps))
+            }
+            Route::Stats => {
+                let snaps = core.gather().await;
+                (200, "application/json", crate::export::json(&snaps).to_string())
             }
         };
         let reason = match status {
@@ -72,7 +96,7 @@ async fn handle(core: Rc<ShardCore>, mut stream: TcpStream) {
             _ => "Service Unavailable",
         };
         let head = format!(
-            "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
         let _ = stream.write_all(head.as_bytes()).await;
@@ -84,14 +108,16 @@ async fn handle(core: Rc<ShardCore>, mut stream: TcpStream) {
 
 #[cfg(test)]
 mod tests {
-    use super::route;
+    use super::{route, Route};
 
     #[test]
     fn routes() {
-        assert_eq!(route("GET", "/healthz", false).0, 200);
-        assert_eq!(route("GET", "/readyz", true).0, 200);
-        assert_eq!(route("GET", "/readyz", false).0, 503);
-        assert_eq!(route("GET", "/nope", true).0, 404);
-        assert_eq!(route("POST", "/healthz", true).0, 405);
+        assert_eq!(route("GET", "/healthz", false), Route::Fixed(200, "ok\n"));
+        assert_eq!(route("GET", "/readyz", true), Route::Fixed(200, "ready\n"));
+        assert!(matches!(route("GET", "/readyz", false), Route::Fixed(503, _)));
+        assert_eq!(route("GET", "/metrics", false), Route::Metrics);
+        assert_eq!(route("GET", "/stats", false), Route::Stats);
+        assert!(matches!(route("GET", "/nope", true), Route::Fixed(404, _)));
+        assert!(matches!(route("POST", "/healthz", true), Route::Fixed(405, _)));
     }
 }

@@ -8,12 +8,12 @@
 //! owner has taken a push, the remaining shares wait for channel room instead, so a
 //! push is never half-applied and then refused.
 
+use crate::clock::mono_us;
 use crate::devices::Counts;
 use crate::routing::shard_for;
-use crate::session::{
-    linger_close, read_handshake, reject, server_preamble, HandshakeError, POLL_BUDGET,
-};
+use crate::session::{linger_close, read_handshake, reject, server_preamble, HandshakeError, POLL_BUDGET};
 use crate::shard::{ConnRef, PushReq, Reply, Request, ShardCore, Targets, SCRATCH};
+use crate::stats::{PushKind, PushResult};
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use glommio::{GlommioError, ResourceType};
@@ -43,6 +43,9 @@ pub struct Pending {
     /// RECEIPT: sums over shards, and whether any shard knew the push.
     counts: Counts,
     known: bool,
+    /// PUSH: its kind and when it was decoded, for counters and latency.
+    kind: PushKind,
+    started_us: u64,
 }
 
 /// One authenticated app connection, in its shard's slab.
@@ -63,46 +66,31 @@ pub struct AppConn {
 
 /// Authenticates a new app connection, then serves it.
 pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
-    let limits = Limits {
-        max_frame: core.cfg().max_app_frame,
-        max_targets: core.cfg().max_targets,
-    };
+    let limits = Limits { max_frame: core.cfg().max_app_frame, max_targets: core.cfg().max_targets };
     let c = Rc::clone(&core);
     let verify = |bytes: &[u8]| -> Result<Option<(u16, usize)>, HandshakeError> {
         let Some((frame, used)) = AppFrame::decode(bytes, &limits)? else {
             return Ok(None);
         };
         let AppFrame::Auth(a) = frame else {
-            return Err(HandshakeError::new(
-                ErrorCode::UNEXPECTED_FRAME,
-                "first frame must be AUTH",
-            ));
+            return Err(HandshakeError::new(ErrorCode::UNEXPECTED_FRAME, "first frame must be AUTH"));
         };
         let Some(&app) = c.shared.app_index.get(a.app_id) else {
             return Err(HandshakeError::new(ErrorCode::UNKNOWN_APP, "unknown app"));
         };
         let skew = c.cfg().auth_skew.as_millis() as u64;
-        token::verify_auth(
-            c.shared.secret(app),
-            a.app_id,
-            a.timestamp_ms,
-            &a.proof,
-            c.now_ms(),
-            skew,
-        )?;
+        token::verify_auth(c.shared.secret(app), a.app_id, a.timestamp_ms, &a.proof, c.now_ms(), skew)?;
         Ok(Some((app, used)))
     };
     let res = glommio::timer::timeout(core.cfg().handshake_timeout, async {
         Ok(read_handshake(&mut stream, Role::App, limits.max_frame, verify).await)
     })
     .await
-    .unwrap_or(Err(HandshakeError::new(
-        ErrorCode::BAD_FRAME,
-        "handshake timed out",
-    )));
+    .unwrap_or(Err(HandshakeError::new(ErrorCode::BAD_FRAME, "handshake timed out")));
     let (app, leftover) = match res {
         Ok(v) => v,
         Err(e) => {
+            core.state.borrow_mut().stats.app_handshake_failed += 1;
             tracing::info!(shard = core.id, code = %e.code, "app handshake failed: {}", e.what);
             return reject(stream, Role::App, e).await;
         }
@@ -113,6 +101,7 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
     }
     let key = {
         let st = &mut *core.state.borrow_mut();
+        st.stats.app_accepted += 1;
         let gen = st.gen();
         let mut out = Vec::with_capacity(64);
         out.extend_from_slice(&server_preamble(Role::App));
@@ -146,11 +135,7 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
 }
 
 fn conn_ref(core: &ShardCore, key: usize) -> ConnRef {
-    ConnRef {
-        shard: core.id,
-        key,
-        gen: core.state.borrow().apps[key].gen,
-    }
+    ConnRef { shard: core.id, key, gen: core.state.borrow().apps[key].gen }
 }
 
 /// Appends a reply frame to the connection's output.
@@ -165,23 +150,39 @@ fn send(core: &ShardCore, key: usize, frame: AppFrame<'_>) {
 }
 
 fn rejected(core: &ShardCore, key: usize, request_id: u64, code: ErrorCode, reason: &str) {
-    core.state.borrow_mut().stats.pushes_rejected += 1;
-    send(
-        core,
-        key,
-        AppFrame::Rejected(Rejected {
-            request_id,
-            code,
-            reason,
-        }),
-    );
+    send(core, key, AppFrame::Rejected(Rejected { request_id, code, reason }));
+}
+
+/// Sends the reply to a PUSH, counting it by kind and result and timing it.
+fn push_reply(core: &ShardCore, key: usize, kind: PushKind, started_us: u64, frame: AppFrame<'_>) {
+    let result = match frame {
+        AppFrame::Accepted { .. } => PushResult::Accepted,
+        AppFrame::Busy { .. } => PushResult::Busy,
+        _ => PushResult::Rejected,
+    };
+    {
+        let st = &mut *core.state.borrow_mut();
+        st.stats.count_push(kind, result);
+        st.push_lat.record(mono_us().saturating_sub(started_us));
+    }
+    send(core, key, frame);
+}
+
+fn busy(request_id: u64) -> AppFrame<'static> {
+    AppFrame::Busy { request_id, retry_after_ms: RETRY_AFTER_MS }
+}
+
+/// Whether a request may start on this connection.
+enum Admit {
+    Yes,
+    /// Too many requests in flight: BUSY.
+    Busy,
+    /// The request id is already in flight.
+    Duplicate,
 }
 
 fn on_app_bytes(core: &Rc<ShardCore>, key: usize, data: &[u8]) {
-    let limits = Limits {
-        max_frame: core.cfg().max_app_frame,
-        max_targets: core.cfg().max_targets,
-    };
+    let limits = Limits { max_frame: core.cfg().max_app_frame, max_targets: core.cfg().max_targets };
     let mut held = std::mem::take(&mut core.state.borrow_mut().apps[key].inbuf);
     let buf: &[u8] = if held.is_empty() {
         data
@@ -199,17 +200,12 @@ fn on_app_bytes(core: &Rc<ShardCore>, key: usize, data: &[u8]) {
                 pos += n;
                 match frame {
                     AppFrame::Push(p) => handle_push(core, key, &p),
-                    AppFrame::ReceiptQuery {
-                        request_id,
-                        push_id,
-                    } => handle_receipt(core, key, request_id, push_id),
+                    AppFrame::ReceiptQuery { request_id, push_id } => handle_receipt(core, key, request_id, push_id),
                     AppFrame::Ping(nonce) => send(core, key, AppFrame::Pong(nonce)),
                     AppFrame::Pong(_) => {}
                     _ => {
-                        core.state.borrow_mut().apps[key].close = Some((
-                            ErrorCode::UNEXPECTED_FRAME,
-                            "unexpected frame on an app connection",
-                        ))
+                        core.state.borrow_mut().apps[key].close =
+                            Some((ErrorCode::UNEXPECTED_FRAME, "unexpected frame on an app connection"))
                     }
                 }
             }
@@ -223,80 +219,55 @@ fn on_app_bytes(core: &Rc<ShardCore>, key: usize, data: &[u8]) {
     let rest = &buf[pos..];
     let mut st = core.state.borrow_mut();
     let c = &mut st.apps[key];
-    c.inbuf = if rest.is_empty() || c.close.is_some() {
-        Vec::new()
-    } else {
-        rest.to_vec()
-    };
+    c.inbuf = if rest.is_empty() || c.close.is_some() { Vec::new() } else { rest.to_vec() };
 }
 
 /// Refuses a request id already in flight or a connection over its in-flight cap.
-fn admit(core: &ShardCore, key: usize, request_id: u64) -> bool {
-    let (busy, dup) = {
-        let st = core.state.borrow();
-        let c = &st.apps[key];
-        (
-            c.pending.len() >= core.cfg().max_inflight_per_app as usize,
-            c.pending.contains_key(&request_id),
-        )
-    };
-    if dup {
-        rejected(
-            core,
-            key,
-            request_id,
-            ErrorCode::UNEXPECTED_FRAME,
-            "request id already in flight",
-        );
-    } else if busy {
-        core.state.borrow_mut().stats.pushes_busy += 1;
-        send(
-            core,
-            key,
-            AppFrame::Busy {
-                request_id,
-                retry_after_ms: RETRY_AFTER_MS,
-            },
-        );
+fn admit(core: &ShardCore, key: usize, request_id: u64) -> Admit {
+    let st = core.state.borrow();
+    let c = &st.apps[key];
+    if c.pending.contains_key(&request_id) {
+        Admit::Duplicate
+    } else if c.pending.len() >= core.cfg().max_inflight_per_app as usize {
+        Admit::Busy
+    } else {
+        Admit::Yes
     }
-    !dup && !busy
 }
 
+const DUPLICATE: &str = "request id already in flight";
+
 fn handle_push(core: &Rc<ShardCore>, key: usize, p: &Push<'_>) {
+    let started_us = mono_us();
+    let kind = match p.target {
+        Target::Device(_) => PushKind::Unicast,
+        Target::List(_) => PushKind::Multicast,
+        Target::App => PushKind::Broadcast,
+    };
+    let reject = |code: ErrorCode, reason: &str| {
+        push_reply(core, key, kind, started_us, AppFrame::Rejected(Rejected { request_id: p.request_id, code, reason }))
+    };
     let cfg = core.cfg();
     let ttl_ms = match p.ttl_secs {
         0 => cfg.default_ttl.as_millis() as u64,
         s => s as u64 * 1000,
     };
     if ttl_ms > cfg.max_ttl.as_millis() as u64 {
-        return rejected(
-            core,
-            key,
-            p.request_id,
-            ErrorCode::BAD_TTL,
-            "ttl above the server maximum",
-        );
+        return reject(ErrorCode::BAD_TTL, "ttl above the server maximum");
     }
     if p.flags != 0 {
-        return rejected(
-            core,
-            key,
-            p.request_id,
-            ErrorCode::BAD_FRAME,
-            "unknown push flags",
-        );
+        return reject(ErrorCode::BAD_FRAME, "unknown push flags");
     }
-    if !admit(core, key, p.request_id) {
-        return;
+    match admit(core, key, p.request_id) {
+        Admit::Yes => {}
+        Admit::Busy => return push_reply(core, key, kind, started_us, busy(p.request_id)),
+        Admit::Duplicate => return reject(ErrorCode::UNEXPECTED_FRAME, DUPLICATE),
     }
     let app = core.state.borrow().apps[key].app;
     let app_id = &cfg.apps[app as usize].id;
     let n = core.shared.shards;
     let mut groups: Vec<(usize, Targets)> = match p.target {
-        Target::Device(d) => vec![(
-            shard_for(app_id, d, n),
-            Targets::Devices(vec![d.to_string()]),
-        )],
+        Target::Device(d) => vec![(shard_for(app_id, d, n), Targets::Devices(vec![d.to_string()]))],
         Target::List(list) => {
             let mut by_shard: Vec<Vec<String>> = vec![Vec::new(); n];
             for d in list.iter() {
@@ -324,6 +295,8 @@ fn handle_push(core: &Rc<ShardCore>, key: usize, p: &Push<'_>) {
         err: None,
         counts: Counts::default(),
         known: false,
+        kind,
+        started_us,
     };
     for (i, (shard, targets)) in groups.into_iter().enumerate() {
         let req = PushReq {
@@ -346,25 +319,13 @@ fn handle_push(core: &Rc<ShardCore>, key: usize, p: &Push<'_>) {
             Ok(()) => pending.remaining += 1,
             Err(GlommioError::WouldBlock(ResourceType::Channel(req))) => {
                 if i == 0 {
-                    core.state.borrow_mut().stats.pushes_busy += 1;
-                    return send(
-                        core,
-                        key,
-                        AppFrame::Busy {
-                            request_id: p.request_id,
-                            retry_after_ms: RETRY_AFTER_MS,
-                        },
-                    );
+                    return push_reply(core, key, kind, started_us, busy(p.request_id));
                 }
                 pending.remaining += 1;
                 let (tx, c, request_id) = (Rc::clone(tx), Rc::clone(core), p.request_id);
                 glommio::spawn_local(async move {
                     if tx.send(req).await.is_err() {
-                        let r = Reply::PushDone {
-                            to: reply_to,
-                            request_id,
-                            result: Err(ErrorCode::SHUTTING_DOWN),
-                        };
+                        let r = Reply::PushDone { to: reply_to, request_id, result: Err(ErrorCode::SHUTTING_DOWN) };
                         handle_reply(&c, r);
                     }
                 })
@@ -377,8 +338,10 @@ fn handle_push(core: &Rc<ShardCore>, key: usize, p: &Push<'_>) {
 }
 
 fn handle_receipt(core: &Rc<ShardCore>, key: usize, request_id: u64, push_id: u64) {
-    if !admit(core, key, request_id) {
-        return;
+    match admit(core, key, request_id) {
+        Admit::Yes => {}
+        Admit::Busy => return send(core, key, busy(request_id)),
+        Admit::Duplicate => return rejected(core, key, request_id, ErrorCode::UNEXPECTED_FRAME, DUPLICATE),
     }
     let reply_to = conn_ref(core, key);
     let mut pending = Pending {
@@ -389,17 +352,15 @@ fn handle_receipt(core: &Rc<ShardCore>, key: usize, request_id: u64, push_id: u6
         err: None,
         counts: Counts::default(),
         known: false,
+        kind: PushKind::Unicast,
+        started_us: 0,
     };
     if let Some(c) = core.state.borrow().table.receipt(push_id) {
         pending.counts.add(&c);
         pending.known = true;
     }
     for tx in core.requests.iter().flatten() {
-        let req = Request::Receipt {
-            reply_to,
-            request_id,
-            push_id,
-        };
+        let req = Request::Receipt { reply_to, request_id, push_id };
         match tx.try_send(req) {
             Ok(()) => pending.remaining += 1,
             Err(GlommioError::WouldBlock(ResourceType::Channel(req))) => {
@@ -407,14 +368,7 @@ fn handle_receipt(core: &Rc<ShardCore>, key: usize, request_id: u64, push_id: u6
                 let (tx, c) = (Rc::clone(tx), Rc::clone(core));
                 glommio::spawn_local(async move {
                     if tx.send(req).await.is_err() {
-                        handle_reply(
-                            &c,
-                            Reply::ReceiptPart {
-                                to: reply_to,
-                                request_id,
-                                counts: None,
-                            },
-                        );
+                        handle_reply(&c, Reply::ReceiptPart { to: reply_to, request_id, counts: None });
                     }
                 })
                 .detach();
@@ -429,53 +383,35 @@ fn finish_or_wait(core: &ShardCore, key: usize, request_id: u64, pending: Pendin
     if pending.remaining == 0 {
         answer(core, key, request_id, &pending);
     } else {
-        core.state.borrow_mut().apps[key]
-            .pending
-            .insert(request_id, pending);
+        core.state.borrow_mut().apps[key].pending.insert(request_id, pending);
     }
 }
 
 fn answer(core: &ShardCore, key: usize, request_id: u64, p: &Pending) {
     if p.receipt {
         if p.known {
-            send(
-                core,
-                key,
-                AppFrame::Receipt(p.counts.receipt(request_id, p.push_id)),
-            );
+            send(core, key, AppFrame::Receipt(p.counts.receipt(request_id, p.push_id)));
         } else {
             send(
                 core,
                 key,
-                AppFrame::Rejected(Rejected {
-                    request_id,
-                    code: ErrorCode::UNKNOWN_PUSH,
-                    reason: "push id not known",
-                }),
+                AppFrame::Rejected(Rejected { request_id, code: ErrorCode::UNKNOWN_PUSH, reason: "push id not known" }),
             );
         }
     } else if p.ok {
-        core.state.borrow_mut().stats.pushes_accepted += 1;
-        send(
-            core,
-            key,
-            AppFrame::Accepted {
-                request_id,
-                push_id: p.push_id,
-            },
-        );
+        push_reply(core, key, p.kind, p.started_us, AppFrame::Accepted { request_id, push_id: p.push_id });
     } else {
         let code = p.err.unwrap_or(ErrorCode::INTERNAL);
-        rejected(core, key, request_id, code, code.name());
+        let frame = AppFrame::Rejected(Rejected { request_id, code, reason: code.name() });
+        push_reply(core, key, p.kind, p.started_us, frame);
     }
 }
 
 /// Applies an owner shard's answer to the request waiting on this shard.
 pub fn handle_reply(core: &ShardCore, r: Reply) {
     let (to, request_id) = match &r {
-        Reply::PushDone { to, request_id, .. } | Reply::ReceiptPart { to, request_id, .. } => {
-            (*to, *request_id)
-        }
+        Reply::PushDone { to, request_id, .. } | Reply::ReceiptPart { to, request_id, .. } => (*to, *request_id),
+        Reply::Snapshot { .. } => return, // handled by ShardCore::handle_reply
     };
     let done = {
         let mut st = core.state.borrow_mut();
@@ -494,6 +430,7 @@ pub fn handle_reply(core: &ShardCore, r: Reply) {
                     p.known = true;
                 }
             }
+            Reply::Snapshot { .. } => return,
         }
         p.remaining -= 1;
         if p.remaining == 0 {
@@ -508,12 +445,7 @@ pub fn handle_reply(core: &ShardCore, r: Reply) {
 }
 
 /// Drives one app connection; `true` when it ended gracefully.
-fn poll_app(
-    core: &Rc<ShardCore>,
-    key: usize,
-    stream: &mut TcpStream,
-    cx: &mut Context<'_>,
-) -> Poll<bool> {
+fn poll_app(core: &Rc<ShardCore>, key: usize, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<bool> {
     for _ in 0..POLL_BUDGET {
         let mut progress = false;
         let reading = {
@@ -526,6 +458,7 @@ fn poll_app(
             match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(false),
                 Poll::Ready(Ok(n)) => {
+                    core.state.borrow_mut().stats.app_bytes_in += n as u64;
                     on_app_bytes(core, key, &scratch[..n]);
                     progress = true;
                 }
@@ -549,16 +482,16 @@ fn poll_app(
         w.clear();
         std::mem::swap(&mut *w, &mut core.state.borrow_mut().apps[key].out);
         if !w.is_empty() {
-            let accepted =
-                match Pin::new(&mut *stream).poll_write(cx, &w[..w.len().min(4 * SCRATCH)]) {
-                    Poll::Ready(Ok(n)) => n,
-                    Poll::Ready(Err(_)) => {
-                        std::mem::swap(&mut *w, &mut core.state.borrow_mut().apps[key].out);
-                        return Poll::Ready(false);
-                    }
-                    Poll::Pending => 0,
-                };
+            let accepted = match Pin::new(&mut *stream).poll_write(cx, &w[..w.len().min(4 * SCRATCH)]) {
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(_)) => {
+                    std::mem::swap(&mut *w, &mut core.state.borrow_mut().apps[key].out);
+                    return Poll::Ready(false);
+                }
+                Poll::Pending => 0,
+            };
             progress |= accepted > 0;
+            core.state.borrow_mut().stats.app_bytes_out += accepted as u64;
             w.drain(..accepted);
         }
         // Give the buffer back: the connection keeps what is unsent.

@@ -25,12 +25,15 @@ pub mod clock;
 pub mod config;
 pub mod devices;
 pub mod duration;
+pub mod export;
 pub mod http;
 pub mod ingress;
 pub mod routing;
 pub mod server;
 pub mod session;
 pub mod shard;
+pub mod stats;
+pub mod stats_cli;
 pub mod timer;
 
 pub use ringpush_protocol as protocol;

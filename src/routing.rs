@@ -77,9 +77,8 @@ mod tests {
 
     #[test]
     fn growing_moves_few_devices() {
-        let moved = (0..10_000)
-            .filter(|i| shard_for("a", &i.to_string(), 4) != shard_for("a", &i.to_string(), 5))
-            .count();
+        let moved =
+            (0..10_000).filter(|i| shard_for("a", &i.to_string(), 4) != shard_for("a", &i.to_string(), 5)).count();
         assert!((1_500..2_500).contains(&moved), "moved {moved} of 10000");
     }
 }

@@ -39,25 +39,32 @@ pub fn affinity_cpus() -> Vec<usize> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
         }
-        (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &set))
-            .collect()
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
     }
 }
 
-fn listener(addr: SocketAddr) -> std::io::Result<Socket> {
+/// A listening socket in the SO_REUSEPORT group of `addr`.
+///
+/// The first socket (`exclusive`) binds without SO_REUSEPORT and sets it only before
+/// `listen`: its bind fails if anything already holds the port (a second ringpush on
+/// the same port must not silently split the traffic), and a port-0 bind gets a port
+/// no other reuseport socket shares. The other shards' sockets then join the group.
+fn listener(addr: SocketAddr, exclusive: bool) -> std::io::Result<Socket> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
+    if !exclusive {
+        s.set_reuse_port(true)?;
+    }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
+    s.set_reuse_port(true)?;
     s.listen(4096)?;
     Ok(s)
 }
 
 /// One listener per shard on the same address: the first picks the port.
 fn listeners(addr: SocketAddr, n: usize) -> Result<(SocketAddr, Vec<OwnedFd>), String> {
-    let first = listener(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let first = listener(addr, true).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let bound = first
         .local_addr()
         .ok()
@@ -65,7 +72,7 @@ fn listeners(addr: SocketAddr, n: usize) -> Result<(SocketAddr, Vec<OwnedFd>), S
         .ok_or_else(|| format!("cannot read the address bound for {addr}"))?;
     let mut fds = vec![OwnedFd::from(first)];
     for _ in 1..n {
-        let s = listener(bound).map_err(|e| format!("cannot listen on {bound}: {e}"))?;
+        let s = listener(bound, false).map_err(|e| format!("cannot listen on {bound}: {e}"))?;
         fds.push(OwnedFd::from(s));
     }
     Ok((bound, fds))
@@ -86,11 +93,7 @@ struct ShardBoot {
 
 /// Runs a push box until SIGTERM/SIGINT (or `shutdown` is set). Calls `on_ready`
 /// once every shard accepts connections.
-pub fn run(
-    cfg: Config,
-    shutdown: Arc<AtomicBool>,
-    on_ready: impl FnOnce(&Ready),
-) -> Result<(), String> {
+pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
     run_with_clock(cfg, Arc::new(SystemClock), shutdown, on_ready)
 }
 
@@ -102,11 +105,7 @@ pub fn run_with_clock(
 ) -> Result<(), String> {
     cfg.validate()?;
     let cpus = affinity_cpus();
-    let n = if cfg.shards == 0 {
-        cpus.len().max(1)
-    } else {
-        cfg.shards
-    };
+    let n = if cfg.shards == 0 { cpus.len().max(1) } else { cfg.shards };
     if n > 1 << 15 {
         return Err("shards: at most 32768".into());
     }
@@ -149,11 +148,7 @@ pub fn run_with_clock(
     let mut handles = Vec::with_capacity(n);
     for boot in boots {
         let cpu = cpus[boot.id % cpus.len().max(1)];
-        let placement = if cpus.is_empty() {
-            Placement::Unbound
-        } else {
-            Placement::Fixed(cpu)
-        };
+        let placement = if cpus.is_empty() { Placement::Unbound } else { Placement::Fixed(cpu) };
         let (shared, ready_tx) = (Arc::clone(&shared), ready_tx.clone());
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{}", boot.id))
@@ -167,16 +162,8 @@ pub fn run_with_clock(
             return Err("a shard failed to start".into());
         }
     }
-    shared
-        .ready
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    on_ready(&Ready {
-        device_addr,
-        app_addr,
-        http_addr,
-        shards: n,
-        cpus,
-    });
+    shared.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    on_ready(&Ready { device_addr, app_addr, http_addr, shards: n, cpus });
     let mut failed = false;
     for h in handles {
         failed |= h.join().is_err();
@@ -192,14 +179,10 @@ type Connecting<T> = Option<glommio::task::JoinHandle<ConnectedSender<T>>>;
 
 /// Starts connecting every sender at once (each connect waits for its receiver).
 fn connect_senders<T: Send + 'static>(v: Vec<Option<SharedSender<T>>>) -> Vec<Connecting<T>> {
-    v.into_iter()
-        .map(|tx| tx.map(|tx| glommio::spawn_local(tx.connect()).detach()))
-        .collect()
+    v.into_iter().map(|tx| tx.map(|tx| glommio::spawn_local(tx.connect()).detach())).collect()
 }
 
-async fn await_senders<T: Send + 'static>(
-    v: Vec<Connecting<T>>,
-) -> Vec<Option<Rc<ConnectedSender<T>>>> {
+async fn await_senders<T: Send + 'static>(v: Vec<Connecting<T>>) -> Vec<Option<Rc<ConnectedSender<T>>>> {
     let mut out = Vec::with_capacity(v.len());
     for t in v {
         out.push(match t {
@@ -213,16 +196,8 @@ async fn await_senders<T: Send + 'static>(
 async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<usize>) {
     let id = boot.id;
     // Connect both ends of every channel concurrently: each connect waits for its peer.
-    let rx_tasks: Vec<_> = boot
-        .req_rx
-        .into_iter()
-        .map(|rx| glommio::spawn_local(rx.connect()))
-        .collect();
-    let rep_rx_tasks: Vec<_> = boot
-        .rep_rx
-        .into_iter()
-        .map(|rx| glommio::spawn_local(rx.connect()))
-        .collect();
+    let rx_tasks: Vec<_> = boot.req_rx.into_iter().map(|rx| glommio::spawn_local(rx.connect())).collect();
+    let rep_rx_tasks: Vec<_> = boot.rep_rx.into_iter().map(|rx| glommio::spawn_local(rx.connect())).collect();
     let req_tasks = connect_senders(boot.req_tx);
     let rep_tasks = connect_senders(boot.rep_tx);
     let requests = await_senders(req_tasks).await;
@@ -243,7 +218,7 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
         let c = Rc::clone(&core);
         glommio::spawn_local(async move {
             while let Some(r) = rx.recv().await {
-                crate::ingress::handle_reply(&c, r);
+                c.handle_reply(r);
             }
         })
         .detach();
@@ -299,10 +274,7 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
         glommio::timer::sleep(TICK).await;
         core.tick();
         if deadline.is_none() && core.shutdown_requested() {
-            tracing::info!(
-                shard = id,
-                "shutting down: closing listeners, saying BYE to devices"
-            );
+            tracing::info!(shard = id, "shutting down: closing listeners, saying BYE to devices");
             device_accept.cancel();
             app_accept.cancel();
             if let Some(h) = &http {

@@ -8,14 +8,13 @@
 //! frame is half-read or the socket refuses bytes. Glommio's non-buffered stream polls
 //! readiness before it reads, so a read that is pending holds no buffer either.
 
+use crate::clock::mono_us;
 use crate::routing::shard_for;
 use crate::shard::{Request, ShardCore, ShardState, SCRATCH};
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use ringpush_protocol::device::{DeviceFrame, Welcome};
-use ringpush_protocol::{
-    Bye, DecodeError, DeviceToken, ErrorCode, ErrorFrame, Limits, Preamble, Role, PREAMBLE_LEN,
-};
+use ringpush_protocol::{Bye, DecodeError, DeviceToken, ErrorCode, ErrorFrame, Limits, Preamble, Role, PREAMBLE_LEN};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -73,11 +72,7 @@ pub(crate) struct HandshakeError {
 
 impl HandshakeError {
     pub(crate) fn new(code: ErrorCode, what: &'static str) -> Self {
-        HandshakeError {
-            code,
-            what,
-            preamble_ok: true,
-        }
+        HandshakeError { code, what, preamble_ok: true }
     }
 }
 
@@ -89,12 +84,7 @@ impl From<DecodeError> for HandshakeError {
 
 /// The server's preamble: the version chosen.
 pub(crate) fn server_preamble(role: Role) -> [u8; PREAMBLE_LEN] {
-    Preamble {
-        role,
-        min_version: ringpush_protocol::VERSION,
-        max_version: ringpush_protocol::VERSION,
-    }
-    .encode()
+    Preamble { role, min_version: ringpush_protocol::VERSION, max_version: ringpush_protocol::VERSION }.encode()
 }
 
 /// Reads the preamble and the first frame of a connection. `first` tries to decode
@@ -112,11 +102,7 @@ pub(crate) async fn read_handshake<T>(
     let cap = PREAMBLE_LEN + 5 + max_frame as usize;
     loop {
         if !preamble {
-            let bad = |e: DecodeError| HandshakeError {
-                code: e.code,
-                what: e.what,
-                preamble_ok: false,
-            };
+            let bad = |e: DecodeError| HandshakeError { code: e.code, what: e.what, preamble_ok: false };
             if let Some(p) = Preamble::decode(&buf).map_err(bad)? {
                 if p.role != role {
                     return Err(HandshakeError {
@@ -137,15 +123,13 @@ pub(crate) async fn read_handshake<T>(
         let start = buf.len();
         let want = (start + 512).min(cap.max(start + 1));
         buf.resize(want, 0);
-        let n = stream.read(&mut buf[start..]).await.map_err(|_| {
-            HandshakeError::new(ErrorCode::BAD_FRAME, "connection closed during handshake")
-        })?;
+        let n = stream
+            .read(&mut buf[start..])
+            .await
+            .map_err(|_| HandshakeError::new(ErrorCode::BAD_FRAME, "connection closed during handshake"))?;
         buf.truncate(start + n);
         if n == 0 {
-            return Err(HandshakeError::new(
-                ErrorCode::BAD_FRAME,
-                "connection closed during handshake",
-            ));
+            return Err(HandshakeError::new(ErrorCode::BAD_FRAME, "connection closed during handshake"));
         }
     }
 }
@@ -157,11 +141,7 @@ pub(crate) async fn reject(mut stream: TcpStream, role: Role, e: HandshakeError)
     if e.preamble_ok {
         out.extend_from_slice(&server_preamble(role));
     }
-    DeviceFrame::Error(ErrorFrame {
-        code: e.code,
-        message: e.what,
-    })
-    .encode(&mut out);
+    DeviceFrame::Error(ErrorFrame { code: e.code, message: e.what }).encode(&mut out);
     linger_close(&mut stream, &out).await;
 }
 
@@ -195,44 +175,29 @@ struct HelloOk {
 /// Serves a freshly accepted device connection until its HELLO is verified, then
 /// attaches it here or hands it to its owner shard.
 pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
+    let started_us = mono_us();
     let shared = Rc::clone(&core);
-    let limits = Limits {
-        max_frame: core.cfg().max_device_frame,
-        max_targets: 0,
-    };
+    let limits = Limits { max_frame: core.cfg().max_device_frame, max_targets: 0 };
     let verify = |bytes: &[u8]| -> Result<Option<(HelloOk, usize)>, HandshakeError> {
         let Some((frame, used)) = DeviceFrame::decode(bytes, &limits)? else {
             return Ok(None);
         };
         let DeviceFrame::Hello(h) = frame else {
-            return Err(HandshakeError::new(
-                ErrorCode::UNEXPECTED_FRAME,
-                "first frame must be HELLO",
-            ));
+            return Err(HandshakeError::new(ErrorCode::UNEXPECTED_FRAME, "first frame must be HELLO"));
         };
         let Some(&app) = shared.shared.app_index.get(h.app_id) else {
             return Err(HandshakeError::new(ErrorCode::UNKNOWN_APP, "unknown app"));
         };
         let now_secs = shared.now_ms() / 1000;
         DeviceToken(h.token).verify(shared.shared.secret(app), h.app_id, h.device_id, now_secs)?;
-        Ok(Some((
-            HelloOk {
-                app,
-                device: h.device_id.to_string(),
-                last_acked: h.last_acked_seq,
-            },
-            used,
-        )))
+        Ok(Some((HelloOk { app, device: h.device_id.to_string(), last_acked: h.last_acked_seq }, used)))
     };
     let timeout = core.cfg().handshake_timeout;
     let res = glommio::timer::timeout(timeout, async {
         Ok(read_handshake(&mut stream, Role::Device, limits.max_frame, verify).await)
     })
     .await
-    .unwrap_or(Err(HandshakeError::new(
-        ErrorCode::BAD_FRAME,
-        "handshake timed out",
-    )));
+    .unwrap_or(Err(HandshakeError::new(ErrorCode::BAD_FRAME, "handshake timed out")));
     let (hello, leftover) = match res {
         Ok(v) => v,
         Err(e) => {
@@ -241,39 +206,25 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
             return reject(stream, Role::Device, e).await;
         }
     };
-    core.state.borrow_mut().stats.handshakes_ok += 1;
+    {
+        let st = &mut *core.state.borrow_mut();
+        st.stats.handshakes_ok += 1;
+        st.handshake_lat.record(mono_us() - started_us);
+    }
     let app_id = &core.cfg().apps[hello.app as usize].id;
     let owner = shard_for(app_id, &hello.device, core.shared.shards);
     let Some(tx) = &core.requests[owner] else {
-        return attach(
-            &core,
-            stream,
-            hello.app,
-            &hello.device,
-            hello.last_acked,
-            &leftover,
-        );
+        return attach(&core, stream, hello.app, &hello.device, hello.last_acked, &leftover);
     };
     // Hand the socket to its owner: a duplicate fd travels, this one closes.
     // SAFETY: dup returns a new descriptor we own, or -1 which is checked.
     let fd = unsafe { libc::dup(stream.as_raw_fd()) };
     if fd < 0 {
-        return reject(
-            stream,
-            Role::Device,
-            HandshakeError::new(ErrorCode::INTERNAL, "dup failed"),
-        )
-        .await;
+        return reject(stream, Role::Device, HandshakeError::new(ErrorCode::INTERNAL, "dup failed")).await;
     }
     // SAFETY: fd is a fresh descriptor owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let req = Request::HandOff {
-        fd,
-        app: hello.app,
-        device: hello.device,
-        last_acked: hello.last_acked,
-        leftover,
-    };
+    let req = Request::HandOff { fd, app: hello.app, device: hello.device, last_acked: hello.last_acked, leftover };
     match tx.try_send(req) {
         Ok(()) => {
             core.state.borrow_mut().stats.handed_off += 1;
@@ -288,14 +239,7 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
 }
 
 /// Binds a verified device connection to a session on this (its owner) shard.
-pub fn attach(
-    core: &Rc<ShardCore>,
-    stream: TcpStream,
-    app: u16,
-    device: &str,
-    last_acked: u64,
-    leftover: &[u8],
-) {
+pub fn attach(core: &Rc<ShardCore>, stream: TcpStream, app: u16, device: &str, last_acked: u64, leftover: &[u8]) {
     if core.draining.get() {
         let e = HandshakeError::new(ErrorCode::SHUTTING_DOWN, "server shutting down");
         glommio::spawn_local(reject(stream, Role::Device, e)).detach();
@@ -307,7 +251,7 @@ pub fn attach(
         let st = &mut *core.state.borrow_mut();
         let gen = st.gen();
         let key = st.sessions.vacant_key();
-        let a = st.table.attach(app, device, last_acked, key);
+        let a = st.table.attach(app, device, last_acked, key, mono_us());
         let mut out = Vec::with_capacity(PREAMBLE_LEN + 64);
         out.extend_from_slice(&server_preamble(Role::Device));
         DeviceFrame::Welcome(Welcome {
@@ -349,8 +293,7 @@ pub fn attach(
     let core = Rc::clone(core);
     glommio::spawn_local(async move {
         let mut stream = stream;
-        let graceful =
-            futures_lite::future::poll_fn(|cx| poll_session(&core, key, &mut stream, cx)).await;
+        let graceful = futures_lite::future::poll_fn(|cx| poll_session(&core, key, &mut stream, cx)).await;
         {
             let st = &mut *core.state.borrow_mut();
             let s = st.sessions.remove(key);
@@ -368,14 +311,10 @@ pub fn attach(
 /// with an ERROR frame.
 pub fn on_device_bytes(core: &ShardCore, key: usize, data: &[u8]) {
     let now = core.now_ms();
-    let limits = Limits {
-        max_frame: core.cfg().max_device_frame,
-        max_targets: 0,
-    };
+    let limits = Limits { max_frame: core.cfg().max_device_frame, max_targets: 0 };
     let st = &mut *core.state.borrow_mut();
-    let ShardState {
-        sessions, table, ..
-    } = st;
+    st.stats.device_bytes_in += data.len() as u64;
+    let ShardState { sessions, table, .. } = st;
     let s = &mut sessions[key];
     s.last_seen_ms = now;
     if s.close.is_some() {
@@ -394,15 +333,13 @@ pub fn on_device_bytes(core: &ShardCore, key: usize, data: &[u8]) {
             Ok(Some((frame, n))) => {
                 pos += n;
                 match frame {
-                    DeviceFrame::Ack(a) => table.on_ack(s.device, a.seq),
+                    DeviceFrame::Ack(a) => table.on_ack(s.device, a.seq, mono_us()),
                     DeviceFrame::Ping(nonce) => DeviceFrame::Pong(nonce).encode(&mut s.out),
                     DeviceFrame::Pong(_) => {}
                     DeviceFrame::Bye(_) => s.close = Some(Close::Quiet),
                     _ => {
-                        s.close = Some(Close::Error(
-                            ErrorCode::UNEXPECTED_FRAME,
-                            "unexpected frame on a device session",
-                        ))
+                        s.close =
+                            Some(Close::Error(ErrorCode::UNEXPECTED_FRAME, "unexpected frame on a device session"))
                     }
                 }
             }
@@ -414,22 +351,13 @@ pub fn on_device_bytes(core: &ShardCore, key: usize, data: &[u8]) {
         }
     }
     let rest = &buf[pos..];
-    s.inbuf = if rest.is_empty() || s.close.is_some() {
-        Vec::new()
-    } else {
-        rest.to_vec()
-    };
+    s.inbuf = if rest.is_empty() || s.close.is_some() { Vec::new() } else { rest.to_vec() };
 }
 
 /// Drives one session: read what the device sent, write what it is owed, and finish
 /// when it closes. Returns `true` when the session ends gracefully (final frame
 /// flushed), `false` when the connection broke or was killed.
-fn poll_session(
-    core: &ShardCore,
-    key: usize,
-    stream: &mut TcpStream,
-    cx: &mut Context<'_>,
-) -> Poll<bool> {
+fn poll_session(core: &ShardCore, key: usize, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<bool> {
     for _ in 0..POLL_BUDGET {
         let mut progress = false;
         let (kill, closing) = {
@@ -463,20 +391,14 @@ fn poll_session(
             match s.close {
                 None => {
                     if w.len() < SCRATCH {
-                        st.table.fill(s.device, now, &mut w, SCRATCH);
+                        st.table.fill(s.device, now, mono_us(), &mut w, SCRATCH);
                     }
                 }
                 Some(c) if !s.final_sent => {
                     s.final_sent = true;
                     match c {
-                        Close::Bye(reason) => DeviceFrame::Bye(Bye {
-                            reason,
-                            redirect: "",
-                        })
-                        .encode(&mut w),
-                        Close::Error(code, message) => {
-                            DeviceFrame::Error(ErrorFrame { code, message }).encode(&mut w)
-                        }
+                        Close::Bye(reason) => DeviceFrame::Bye(Bye { reason, redirect: "" }).encode(&mut w),
+                        Close::Error(code, message) => DeviceFrame::Error(ErrorFrame { code, message }).encode(&mut w),
                         Close::Quiet => {}
                     }
                 }
@@ -492,9 +414,8 @@ fn poll_session(
             progress |= accepted > 0;
             let st = &mut *core.state.borrow_mut();
             let slow = core.cfg().slow_device_timeout.as_millis() as u64;
-            let ShardState {
-                sessions, wheel, ..
-            } = st;
+            st.stats.device_bytes_out += accepted as u64;
+            let ShardState { sessions, wheel, .. } = st;
             let s = &mut sessions[key];
             s.out.extend_from_slice(&w[accepted..]);
             if s.out.is_empty() {

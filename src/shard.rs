@@ -8,9 +8,11 @@
 //! [`Reply`]s on another, so a shard waiting to send a request never blocks a reply.
 //! No `Mutex` or `RwLock` anywhere: a borrow of the state never spans an `.await`.
 
+use crate::clock::mono_us;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::devices::{Counts, DeviceTable, QueueLimits};
+use crate::stats::{CounterRow, Hist, PushKind, PushResult, ShardSnapshot, Stage, KINDS, RESULTS};
 use crate::timer::TimerWheel;
 use glommio::channels::shared_channel::ConnectedSender;
 use ringpush_protocol::ErrorCode;
@@ -44,26 +46,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(
-        cfg: Config,
-        clock: Arc<dyn Clock>,
-        shards: usize,
-        shutdown: Arc<AtomicBool>,
-    ) -> Self {
-        let app_index = cfg
-            .apps
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (a.id.clone(), i as u16))
-            .collect();
-        Shared {
-            cfg,
-            app_index,
-            clock,
-            shards,
-            shutdown,
-            ready: AtomicBool::new(false),
-        }
+    pub fn new(cfg: Config, clock: Arc<dyn Clock>, shards: usize, shutdown: Arc<AtomicBool>) -> Self {
+        let app_index = cfg.apps.iter().enumerate().map(|(i, a)| (a.id.clone(), i as u16)).collect();
+        Shared { cfg, app_index, clock, shards, shutdown, ready: AtomicBool::new(false) }
     }
 
     pub fn secret(&self, app: u16) -> &[u8] {
@@ -118,24 +103,23 @@ pub enum Request {
         request_id: u64,
         push_id: u64,
     },
+    /// A metrics scrape on shard `from` wants this shard's snapshot.
+    Snapshot {
+        from: usize,
+        scrape: u64,
+    },
 }
 
 /// Answers travelling back to the shard that holds the app connection.
 #[derive(Debug)]
 pub enum Reply {
-    PushDone {
-        to: ConnRef,
-        request_id: u64,
-        result: Result<u64, ErrorCode>,
-    },
-    ReceiptPart {
-        to: ConnRef,
-        request_id: u64,
-        counts: Option<Counts>,
-    },
+    PushDone { to: ConnRef, request_id: u64, result: Result<u64, ErrorCode> },
+    ReceiptPart { to: ConnRef, request_id: u64, counts: Option<Counts> },
+    Snapshot { to: usize, scrape: u64, snap: Box<ShardSnapshot> },
 }
 
-/// Counters a shard keeps for its own sessions (later exported as metrics).
+/// Counters a shard keeps for its own connections (plain integers: only this shard
+/// writes them; a scrape copies them).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ShardStats {
     pub device_accepted: u64,
@@ -146,9 +130,46 @@ pub struct ShardStats {
     pub slow_disconnects: u64,
     pub idle_disconnects: u64,
     pub replaced: u64,
-    pub pushes_accepted: u64,
-    pub pushes_rejected: u64,
-    pub pushes_busy: u64,
+    pub app_accepted: u64,
+    pub app_handshake_failed: u64,
+    /// Pushes by kind and result: `pushes[kind][result]`.
+    pub pushes: [[u64; 3]; 3],
+    pub device_bytes_in: u64,
+    pub device_bytes_out: u64,
+    pub app_bytes_in: u64,
+    pub app_bytes_out: u64,
+}
+
+impl ShardStats {
+    pub fn count_push(&mut self, kind: PushKind, result: PushResult) {
+        self.pushes[kind as usize][result as usize] += 1;
+    }
+
+    /// Counters as (metric, labels, value) rows.
+    pub fn rows(&self) -> Vec<CounterRow> {
+        let mut v = vec![
+            ("ringpush_device_connections_accepted_total", vec![], self.device_accepted),
+            ("ringpush_handshakes_total", vec![("result", "ok")], self.handshakes_ok),
+            ("ringpush_handshakes_total", vec![("result", "failed")], self.handshakes_failed),
+            ("ringpush_handoffs_total", vec![], self.handed_off),
+            ("ringpush_sessions_closed_total", vec![], self.sessions_closed),
+            ("ringpush_device_disconnects_total", vec![("reason", "slow_consumer")], self.slow_disconnects),
+            ("ringpush_device_disconnects_total", vec![("reason", "idle_timeout")], self.idle_disconnects),
+            ("ringpush_device_disconnects_total", vec![("reason", "replaced")], self.replaced),
+            ("ringpush_app_connections_accepted_total", vec![], self.app_accepted),
+            ("ringpush_app_handshake_failures_total", vec![], self.app_handshake_failed),
+            ("ringpush_bytes_total", vec![("direction", "in"), ("peer", "device")], self.device_bytes_in),
+            ("ringpush_bytes_total", vec![("direction", "out"), ("peer", "device")], self.device_bytes_out),
+            ("ringpush_bytes_total", vec![("direction", "in"), ("peer", "app")], self.app_bytes_in),
+            ("ringpush_bytes_total", vec![("direction", "out"), ("peer", "app")], self.app_bytes_out),
+        ];
+        for (k, kind) in KINDS.iter().enumerate() {
+            for (r, result) in RESULTS.iter().enumerate() {
+                v.push(("ringpush_pushes_total", vec![("kind", kind), ("result", result)], self.pushes[k][r]));
+            }
+        }
+        v
+    }
 }
 
 pub struct ShardState {
@@ -158,8 +179,15 @@ pub struct ShardState {
     /// (session key, generation) armed at the session's next deadline.
     pub wheel: TimerWheel<(usize, u32)>,
     pub stats: ShardStats,
+    /// Device connection accepted → WELCOME queued.
+    pub handshake_lat: Hist,
+    /// PUSH decoded → reply queued.
+    pub push_lat: Hist,
     pub next_gen: u32,
     next_push: u64,
+    /// Scrapes this shard is gathering: scrape id → snapshots so far, and the waiter.
+    pub scrapes: HashMap<u64, (Vec<ShardSnapshot>, Option<std::task::Waker>)>,
+    next_scrape: u64,
 }
 
 impl ShardState {
@@ -198,13 +226,17 @@ impl ShardCore {
             max_bytes: cfg.max_queued_bytes_per_device,
         };
         let state = ShardState {
-            table: DeviceTable::new(cfg.apps.len(), limits, cfg.receipts_per_shard, now),
+            table: DeviceTable::new(cfg.apps.len(), limits, cfg.receipts_per_shard, now, cfg.metrics),
             sessions: Slab::new(),
             apps: Slab::new(),
             wheel: TimerWheel::new(1024, TICK.as_millis() as u64, now),
             stats: ShardStats::default(),
+            handshake_lat: Hist::new(cfg.metrics),
+            push_lat: Hist::new(cfg.metrics),
             next_gen: 0,
             next_push: 0,
+            scrapes: HashMap::new(),
+            next_scrape: 0,
         };
         ShardCore {
             id,
@@ -236,21 +268,15 @@ impl ShardCore {
     /// Applies a push to this shard's devices; wakes the sessions that got mail.
     pub fn apply_push(&self, p: &PushReq) -> Result<u64, ErrorCode> {
         let mut wake = Vec::new();
+        let now_us = mono_us();
         let result = {
             let st = &mut *self.state.borrow_mut();
             match &p.targets {
-                Targets::App => {
-                    Ok(st
-                        .table
-                        .broadcast(p.app, p.push_id, p.expiry_ms, &p.payload, &mut wake))
-                }
+                Targets::App => Ok(st.table.broadcast(p.app, p.push_id, p.expiry_ms, &p.payload, &mut wake, now_us)),
                 Targets::Devices(ids) => {
                     let (mut ok, mut err) = (0u64, None);
                     for id in ids {
-                        match st
-                            .table
-                            .enqueue_to(p.app, id, p.push_id, p.expiry_ms, &p.payload)
-                        {
+                        match st.table.enqueue_to(p.app, id, p.push_id, p.expiry_ms, &p.payload, now_us) {
                             Ok(s) => {
                                 ok += 1;
                                 wake.extend(s);
@@ -281,13 +307,7 @@ impl ShardCore {
     /// Handles one request from another shard (or from this one).
     pub fn handle_request(self: &Rc<Self>, req: Request) {
         match req {
-            Request::HandOff {
-                fd,
-                app,
-                device,
-                last_acked,
-                leftover,
-            } => {
+            Request::HandOff { fd, app, device, last_acked, leftover } => {
                 use std::os::fd::{FromRawFd, IntoRawFd};
                 // SAFETY: the accepting shard sent us a descriptor it no longer uses.
                 let stream = unsafe { glommio::net::TcpStream::from_raw_fd(fd.into_raw_fd()) };
@@ -295,34 +315,105 @@ impl ShardCore {
             }
             Request::Push(p) => {
                 let result = self.apply_push(&p);
-                self.reply(Reply::PushDone {
-                    to: p.reply_to,
-                    request_id: p.request_id,
-                    result,
-                });
+                self.reply(Reply::PushDone { to: p.reply_to, request_id: p.request_id, result });
             }
-            Request::Receipt {
-                reply_to,
-                request_id,
-                push_id,
-            } => {
+            Request::Receipt { reply_to, request_id, push_id } => {
                 let counts = self.state.borrow().table.receipt(push_id);
-                self.reply(Reply::ReceiptPart {
-                    to: reply_to,
-                    request_id,
-                    counts,
-                });
+                self.reply(Reply::ReceiptPart { to: reply_to, request_id, counts });
+            }
+            Request::Snapshot { from, scrape } => {
+                let snap = Box::new(self.snapshot());
+                self.reply(Reply::Snapshot { to: from, scrape, snap });
             }
         }
+    }
+
+    /// Handles a reply addressed to this shard.
+    pub fn handle_reply(&self, r: Reply) {
+        match r {
+            Reply::Snapshot { scrape, snap, .. } => {
+                let mut st = self.state.borrow_mut();
+                if let Some((snaps, waker)) = st.scrapes.get_mut(&scrape) {
+                    snaps.push(*snap);
+                    if let Some(w) = waker {
+                        w.wake_by_ref();
+                    }
+                }
+            }
+            other => crate::ingress::handle_reply(self, other),
+        }
+    }
+
+    /// This shard's counters, gauges and histograms, as of now.
+    pub fn snapshot(&self) -> ShardSnapshot {
+        let st = self.state.borrow();
+        let mut counters = st.stats.rows();
+        counters.extend(st.table.stats.rows());
+        let hists = vec![
+            (Stage::Write, st.table.write_lat.clone()),
+            (Stage::Ack, st.table.ack_lat.clone()),
+            (Stage::Handshake, st.handshake_lat.clone()),
+            (Stage::Push, st.push_lat.clone()),
+        ];
+        ShardSnapshot {
+            shard: self.id,
+            sessions: st.sessions.len() as u64,
+            app_connections: st.apps.len() as u64,
+            devices: st.table.len() as u64,
+            queued_messages: st.table.queued(),
+            counters,
+            latency_us: hists.iter().map(|(s, h)| (s.key(), h.summary())).collect(),
+            hists,
+        }
+    }
+
+    /// Gathers every shard's snapshot (map-reduce over the request mesh), this one's
+    /// first. Shards that do not answer within a second are left out.
+    pub async fn gather(self: &Rc<Self>) -> Vec<ShardSnapshot> {
+        let local = self.snapshot();
+        let id = {
+            let mut st = self.state.borrow_mut();
+            st.next_scrape += 1;
+            let id = st.next_scrape;
+            st.scrapes.insert(id, (vec![local], None));
+            id
+        };
+        let mut asked = 1;
+        for tx in self.requests.iter().flatten() {
+            let req = Request::Snapshot { from: self.id, scrape: id };
+            if tx.send(req).await.is_ok() {
+                asked += 1;
+            }
+        }
+        let wait = futures_lite::future::poll_fn(|cx| {
+            let mut st = self.state.borrow_mut();
+            let (snaps, waker) = st.scrapes.get_mut(&id).expect("scrape registered");
+            if snaps.len() >= asked {
+                std::task::Poll::Ready(())
+            } else {
+                *waker = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        });
+        let _ = glommio::timer::timeout(Duration::from_secs(1), async {
+            wait.await;
+            Ok(())
+        })
+        .await;
+        let removed = self.state.borrow_mut().scrapes.remove(&id);
+        let mut snaps = removed.map(|(s, _)| s).unwrap_or_default();
+        snaps.sort_by_key(|s| s.shard);
+        snaps
     }
 
     /// Sends a reply to the shard holding the app connection, or applies it here.
     fn reply(self: &Rc<Self>, r: Reply) {
         let to = match &r {
             Reply::PushDone { to, .. } | Reply::ReceiptPart { to, .. } => to.shard,
+            Reply::Snapshot { to, .. } => *to,
         };
         match &self.replies[to] {
-            None => crate::ingress::handle_reply(self, r),
+            None => self.handle_reply(r),
             Some(tx) => {
                 if let Err(e) = tx.try_send(r) {
                     // The reply channel is full: wait for room in a task. Replies are
@@ -360,18 +451,11 @@ impl ShardCore {
                     continue;
                 };
                 let idle_at = s.last_seen_ms + 2 * hb;
-                let slow_at = if s.blocked_since_ms > 0 {
-                    s.blocked_since_ms + slow
-                } else {
-                    u64::MAX
-                };
+                let slow_at = if s.blocked_since_ms > 0 { s.blocked_since_ms + slow } else { u64::MAX };
                 if slow_at <= now {
                     s.kill = true;
                     st.stats.slow_disconnects += 1;
-                    tracing::info!(
-                        shard = self.id,
-                        "disconnecting a slow device (no bytes accepted for {slow} ms)"
-                    );
+                    tracing::info!(shard = self.id, "disconnecting a slow device (no bytes accepted for {slow} ms)");
                     wake.push(key);
                 } else if idle_at <= now && s.close.is_none() {
                     s.close = Some(crate::session::Close::Bye(ErrorCode::IDLE_TIMEOUT));
@@ -392,8 +476,7 @@ impl ShardCore {
         let keys: Vec<usize> = {
             let st = &mut *self.state.borrow_mut();
             for (_, s) in st.sessions.iter_mut() {
-                s.close
-                    .get_or_insert(crate::session::Close::Bye(ErrorCode::SHUTTING_DOWN));
+                s.close.get_or_insert(crate::session::Close::Bye(ErrorCode::SHUTTING_DOWN));
             }
             for (_, a) in st.apps.iter_mut() {
                 a.draining = true;

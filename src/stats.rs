@@ -2,7 +2,7 @@
 //! shard writes (no shared atomics on the hot path), gathered on demand.
 //!
 //! A scrape asks every shard for a [`ShardSnapshot`] over the request mesh and merges
-//! the answers on the shard serving HTTP ([`crate::metrics`] renders them).
+//! the answers on the shard serving HTTP ([`crate::export`] renders them).
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -16,9 +16,11 @@ pub struct Hist(Option<Box<Histogram<u64>>>);
 
 impl Hist {
     pub fn new(enabled: bool) -> Self {
-        Hist(enabled.then(|| {
-            Box::new(Histogram::new_with_bounds(1, MAX_US, 2).expect("static histogram bounds are valid"))
-        }))
+        Hist(
+            enabled.then(|| {
+                Box::new(Histogram::new_with_bounds(1, MAX_US, 2).expect("static histogram bounds are valid"))
+            }),
+        )
     }
 
     #[inline]
@@ -134,6 +136,9 @@ pub enum PushResult {
 pub const KINDS: [&str; 3] = ["unicast", "multicast", "broadcast"];
 pub const RESULTS: [&str; 3] = ["accepted", "rejected", "busy"];
 
+/// One counter sample: metric name, labels (without `shard`), value.
+pub type CounterRow = (&'static str, Vec<(&'static str, &'static str)>, u64);
+
 /// Everything one shard reports, as of one moment.
 #[derive(Clone, Debug, Serialize)]
 pub struct ShardSnapshot {
@@ -142,7 +147,7 @@ pub struct ShardSnapshot {
     pub app_connections: u64,
     pub devices: u64,
     pub queued_messages: u64,
-    pub counters: Vec<(&'static str, Vec<(&'static str, &'static str)>, u64)>,
+    pub counters: Vec<CounterRow>,
     pub latency_us: Vec<(&'static str, Quantiles)>,
     #[serde(skip)]
     pub hists: Vec<(Stage, Hist)>,

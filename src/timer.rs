@@ -26,12 +26,7 @@ impl<K: Copy> TimerWheel<K> {
     /// A wheel with `slots` slots of `tick_ms` each, starting at `now_ms`.
     pub fn new(slots: usize, tick_ms: u64, now_ms: u64) -> Self {
         assert!(slots > 0 && tick_ms > 0);
-        TimerWheel {
-            slots: (0..slots).map(|_| Vec::new()).collect(),
-            tick_ms,
-            current: now_ms / tick_ms,
-            len: 0,
-        }
+        TimerWheel { slots: (0..slots).map(|_| Vec::new()).collect(), tick_ms, current: now_ms / tick_ms, len: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -47,10 +42,7 @@ impl<K: Copy> TimerWheel<K> {
         // The first tick boundary at or after the deadline: visiting it fires the entry.
         let tick = deadline_ms.div_ceil(self.tick_ms).max(self.current + 1);
         let n = self.slots.len() as u64;
-        self.slots[(tick % n) as usize].push(Entry {
-            key,
-            deadline: deadline_ms,
-        });
+        self.slots[(tick % n) as usize].push(Entry { key, deadline: deadline_ms });
         self.len += 1;
     }
 

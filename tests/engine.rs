@@ -74,11 +74,7 @@ fn unicast_reaches_devices_on_every_shard_in_order() {
         let mut app = srv.app().await;
         for (i, id) in ids.iter().enumerate() {
             for k in 0..3 {
-                accepted(
-                    app.push(PushTarget::Device(id), 0, format!("{i}-{k}").as_bytes())
-                        .await
-                        .unwrap(),
-                );
+                accepted(app.push(PushTarget::Device(id), 0, format!("{i}-{k}").as_bytes()).await.unwrap());
             }
         }
         for (i, dev) in devs.iter_mut().enumerate() {
@@ -102,11 +98,7 @@ fn multicast_and_broadcast_deliver_once_to_each_target() {
         }
         let mut app = srv.app().await;
         let list: Vec<String> = ids[..6].to_vec();
-        let mc = accepted(
-            app.push(PushTarget::List(&list), 0, b"multi")
-                .await
-                .unwrap(),
-        );
+        let mc = accepted(app.push(PushTarget::List(&list), 0, b"multi").await.unwrap());
         let bc = accepted(app.push(PushTarget::App, 0, b"broad").await.unwrap());
         for (i, dev) in devs.iter_mut().enumerate() {
             if i < 6 {
@@ -123,12 +115,7 @@ fn multicast_and_broadcast_deliver_once_to_each_target() {
             srv.device,
             "other",
             "x",
-            ringpush::protocol::DeviceToken::mint(
-                b"other-secret-0123456789",
-                "other",
-                "x",
-                4_000_000_000,
-            ),
+            ringpush::protocol::DeviceToken::mint(b"other-secret-0123456789", "other", "x", 4_000_000_000),
             0,
         )
         .await;
@@ -141,10 +128,7 @@ fn multicast_and_broadcast_deliver_once_to_each_target() {
         assert_eq!((r.targeted, r.delivered, r.stored), (12, 12, 0), "{r:?}");
         let r = app.receipt(mc).await.unwrap().unwrap();
         assert_eq!(r.targeted, 6);
-        assert_eq!(
-            app.receipt(12345).await.unwrap(),
-            Err(ErrorCode::UNKNOWN_PUSH)
-        );
+        assert_eq!(app.receipt(12345).await.unwrap(), Err(ErrorCode::UNKNOWN_PUSH));
     });
 }
 
@@ -155,11 +139,7 @@ fn unacked_messages_are_redelivered_after_reconnect_and_offline_devices_get_thei
         let mut app = srv.app().await;
         // Offline first: queued until the device connects.
         for k in 1..=3 {
-            accepted(
-                app.push(PushTarget::Device("r1"), 0, format!("p{k}").as_bytes())
-                    .await
-                    .unwrap(),
-            );
+            accepted(app.push(PushTarget::Device("r1"), 0, format!("p{k}").as_bytes()).await.unwrap());
         }
         let mut dev = srv.device("r1").await;
         assert_eq!(dev.welcome.pending, 3);
@@ -170,14 +150,10 @@ fn unacked_messages_are_redelivered_after_reconnect_and_offline_devices_get_thei
         glommio::timer::sleep(Duration::from_millis(50)).await;
         drop(dev); // connection lost with 2 and 3 unacked
         glommio::timer::sleep(Duration::from_millis(100)).await;
-        let mut dev = DeviceClient::connect(srv.device, APP, "r1", srv.token("r1"), 1)
-            .await
-            .unwrap();
+        let mut dev = DeviceClient::connect(srv.device, APP, "r1", srv.token("r1"), 1).await.unwrap();
         assert_eq!(dev.welcome.acked_seq, 1);
-        let again: Vec<(u64, Vec<u8>)> = vec![message(&mut dev).await, message(&mut dev).await]
-            .into_iter()
-            .map(|m| (m.seq, m.payload))
-            .collect();
+        let again: Vec<(u64, Vec<u8>)> =
+            vec![message(&mut dev).await, message(&mut dev).await].into_iter().map(|m| (m.seq, m.payload)).collect();
         assert_eq!(again, vec![(2, b"p2".to_vec()), (3, b"p3".to_vec())]);
         dev.ack(3).await.unwrap();
         accepted(app.push(PushTarget::Device("r1"), 0, b"p4").await.unwrap());
@@ -196,11 +172,7 @@ fn second_login_replaces_the_first() {
             other => panic!("first session should get BYE replaced, got {other:?}"),
         }
         let mut app = srv.app().await;
-        accepted(
-            app.push(PushTarget::Device("dup"), 0, b"to-second")
-                .await
-                .unwrap(),
-        );
+        accepted(app.push(PushTarget::Device("dup"), 0, b"to-second").await.unwrap());
         assert_eq!(message(&mut second).await.payload, b"to-second");
     });
 }
@@ -217,41 +189,13 @@ fn bad_input_gets_an_error_and_closes_only_that_connection() {
         let mut bad = good;
         bad[20] ^= 0xff;
         let cases: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
-            (
-                "bad token",
-                hello_bytes(APP, "dev", bad),
-                ErrorCode::BAD_TOKEN,
-            ),
-            (
-                "expired token",
-                hello_bytes(APP, "dev", token_for("dev", -10).0),
-                ErrorCode::EXPIRED_TOKEN,
-            ),
-            (
-                "unknown app",
-                hello_bytes("nope", "dev", good),
-                ErrorCode::UNKNOWN_APP,
-            ),
-            (
-                "http",
-                b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
-                ErrorCode::BAD_MAGIC,
-            ),
-            (
-                "tls",
-                vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01],
-                ErrorCode::BAD_MAGIC,
-            ),
-            (
-                "wrong version",
-                b"RPSHD\x07\x09\x00".to_vec(),
-                ErrorCode::UNSUPPORTED_VERSION,
-            ),
-            (
-                "app role on device port",
-                Preamble::client(Role::App).encode().to_vec(),
-                ErrorCode::BAD_MAGIC,
-            ),
+            ("bad token", hello_bytes(APP, "dev", bad), ErrorCode::BAD_TOKEN),
+            ("expired token", hello_bytes(APP, "dev", token_for("dev", -10).0), ErrorCode::EXPIRED_TOKEN),
+            ("unknown app", hello_bytes("nope", "dev", good), ErrorCode::UNKNOWN_APP),
+            ("http", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), ErrorCode::BAD_MAGIC),
+            ("tls", vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01], ErrorCode::BAD_MAGIC),
+            ("wrong version", b"RPSHD\x07\x09\x00".to_vec(), ErrorCode::UNSUPPORTED_VERSION),
+            ("app role on device port", Preamble::client(Role::App).encode().to_vec(), ErrorCode::BAD_MAGIC),
             (
                 "oversize",
                 {
@@ -281,9 +225,7 @@ fn bad_input_gets_an_error_and_closes_only_that_connection() {
             ),
         ];
         for (name, bytes, code) in cases {
-            let reply = std::thread::spawn(move || raw_exchange(addr, &bytes))
-                .join()
-                .unwrap();
+            let reply = std::thread::spawn(move || raw_exchange(addr, &bytes)).join().unwrap();
             assert_eq!(error_code(&reply), code, "{name}");
         }
         // A session that goes bad mid-stream: oversize frame after a good HELLO.
@@ -307,32 +249,17 @@ fn bad_input_gets_an_error_and_closes_only_that_connection() {
             other => panic!("expected ERROR oversize, got {other:?}"),
         }
         // The bystander never noticed.
-        accepted(
-            app.push(PushTarget::Device("bystander"), 0, b"still here")
-                .await
-                .unwrap(),
-        );
+        accepted(app.push(PushTarget::Device("bystander"), 0, b"still here").await.unwrap());
         assert_eq!(message(&mut bystander).await.payload, b"still here");
         // Bad requests are rejected without closing the app connection.
-        match app
-            .push(PushTarget::Device("x"), u32::MAX, b"ttl")
-            .await
-            .unwrap()
-        {
+        match app.push(PushTarget::Device("x"), u32::MAX, b"ttl").await.unwrap() {
             PushOutcome::Rejected(code, _) => assert_eq!(code, ErrorCode::BAD_TTL),
             other => panic!("expected bad_ttl, got {other:?}"),
         }
-        accepted(
-            app.push(PushTarget::Device("bystander"), 0, b"after")
-                .await
-                .unwrap(),
-        );
+        accepted(app.push(PushTarget::Device("bystander"), 0, b"after").await.unwrap());
         assert_eq!(message(&mut bystander).await.payload, b"after");
     });
-    assert!(
-        srv.log().contains("device handshake failed"),
-        "bad input is logged"
-    );
+    assert!(srv.log().contains("device handshake failed"), "bad input is logged");
 }
 
 #[test]
@@ -352,9 +279,7 @@ fn a_flooded_shard_answers_busy_and_every_request_is_answered() {
             match app.next_reply().await.unwrap() {
                 AppReply::Push(req, PushOutcome::Accepted(_)) => {
                     ok += 1;
-                    *accepted_per_device
-                        .entry((req as usize - 1) % ids.len())
-                        .or_default() += 1;
+                    *accepted_per_device.entry((req as usize - 1) % ids.len()).or_default() += 1;
                 }
                 AppReply::Push(_, PushOutcome::Busy(ms)) => {
                     assert!(ms > 0);
@@ -363,10 +288,7 @@ fn a_flooded_shard_answers_busy_and_every_request_is_answered() {
                 other => panic!("unexpected reply {other:?}"),
             }
         }
-        assert!(
-            busy > 0,
-            "a one-slot channel under a pipelined flood must answer BUSY"
-        );
+        assert!(busy > 0, "a one-slot channel under a pipelined flood must answer BUSY");
         assert!(ok > 0);
         // Every accepted push reaches its device: nothing accepted is lost.
         for (i, id) in ids.iter().enumerate() {
@@ -392,8 +314,7 @@ fn a_slow_device_does_not_stall_others_and_is_disconnected() {
     let addr = srv.device;
     // The slow device: connects, says HELLO, then never reads.
     let mut slow = std::net::TcpStream::connect(addr).unwrap();
-    slow.write_all(&hello_bytes(APP, "slow", token_for("slow", 3600).0))
-        .unwrap();
+    slow.write_all(&hello_bytes(APP, "slow", token_for("slow", 3600).0)).unwrap();
     run(|| async {
         let mut fast = srv.device("fast").await;
         let mut app = srv.app().await;
@@ -402,16 +323,10 @@ fn a_slow_device_does_not_stall_others_and_is_disconnected() {
             accepted(app.push(PushTarget::Device("slow"), 0, &big).await.unwrap());
         }
         for k in 1..=50u64 {
-            accepted(
-                app.push(PushTarget::Device("fast"), 0, b"quick")
-                    .await
-                    .unwrap(),
-            );
-            let m = glommio::timer::timeout(Duration::from_millis(500), async {
-                Ok(message(&mut fast).await)
-            })
-            .await
-            .expect("fast device stalled behind the slow one");
+            accepted(app.push(PushTarget::Device("fast"), 0, b"quick").await.unwrap());
+            let m = glommio::timer::timeout(Duration::from_millis(500), async { Ok(message(&mut fast).await) })
+                .await
+                .expect("fast device stalled behind the slow one");
             assert_eq!(m.seq, k);
         }
         glommio::timer::sleep(Duration::from_millis(2500)).await;
@@ -429,10 +344,7 @@ fn a_slow_device_does_not_stall_others_and_is_disconnected() {
             Err(e) => panic!("slow device was not disconnected: {e} after {total} bytes"),
         }
     }
-    assert!(
-        total < 300 * 60_000,
-        "got everything ({total} bytes): never throttled"
-    );
+    assert!(total < 300 * 60_000, "got everything ({total} bytes): never throttled");
 }
 
 #[test]
@@ -460,9 +372,8 @@ fn pipelined_requests_are_matched_by_request_id() {
     run(|| async {
         let mut dev = srv.device("pipe").await;
         let mut app = srv.app().await;
-        let ids: Vec<u64> = (0..200)
-            .map(|i| app.queue_push(PushTarget::Device("pipe"), 0, format!("{i}").as_bytes()))
-            .collect();
+        let ids: Vec<u64> =
+            (0..200).map(|i| app.queue_push(PushTarget::Device("pipe"), 0, format!("{i}").as_bytes())).collect();
         app.flush().await.unwrap();
         let mut replies = HashMap::new();
         for _ in 0..ids.len() {
@@ -470,9 +381,7 @@ fn pipelined_requests_are_matched_by_request_id() {
                 replies.insert(r, o);
             }
         }
-        assert!(ids
-            .iter()
-            .all(|id| matches!(replies.get(id), Some(PushOutcome::Accepted(_)))));
+        assert!(ids.iter().all(|id| matches!(replies.get(id), Some(PushOutcome::Accepted(_)))));
         for i in 0..200u64 {
             let m = message(&mut dev).await;
             assert_eq!((m.seq, m.payload), (i + 1, format!("{i}").into_bytes()));
@@ -483,11 +392,7 @@ fn pipelined_requests_are_matched_by_request_id() {
         // A request id reused while in flight is refused, the connection stays up.
         let mut raw = Vec::new();
         for _ in 0..2 {
-            ringpush::protocol::AppFrame::ReceiptQuery {
-                request_id: 9_999,
-                push_id: 0xdead << 32,
-            }
-            .encode(&mut raw);
+            ringpush::protocol::AppFrame::ReceiptQuery { request_id: 9_999, push_id: 0xdead << 32 }.encode(&mut raw);
         }
         app.queue_raw(&raw);
         app.flush().await.unwrap();
@@ -503,16 +408,9 @@ fn pipelined_requests_are_matched_by_request_id() {
                 other => panic!("unexpected reply {other:?}"),
             })
             .collect();
-        assert_eq!(
-            codes,
-            [ErrorCode::UNEXPECTED_FRAME, ErrorCode::UNKNOWN_PUSH]
-        );
+        assert_eq!(codes, [ErrorCode::UNEXPECTED_FRAME, ErrorCode::UNKNOWN_PUSH]);
         // The connection still works.
-        accepted(
-            app.push(PushTarget::Device("pipe"), 0, b"more")
-                .await
-                .unwrap(),
-        );
+        accepted(app.push(PushTarget::Device("pipe"), 0, b"more").await.unwrap());
     });
 }
 
@@ -526,11 +424,7 @@ fn sigterm_says_bye_to_devices_and_exits_zero() {
             let mut devs = Vec::new();
             for i in 0..8 {
                 let id = format!("s{i}");
-                devs.push(
-                    DeviceClient::connect(device, APP, &id, token_for(&id, 60), 0)
-                        .await
-                        .unwrap(),
-                );
+                devs.push(DeviceClient::connect(device, APP, &id, token_for(&id, 60), 0).await.unwrap());
             }
             tx.send(()).unwrap();
             for d in devs.iter_mut() {

@@ -42,12 +42,8 @@ impl Server {
             .arg(&cfg)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
-            .args([
-                "--device-listen",
-                "127.0.0.1:0",
-                "--app-listen",
-                "127.0.0.1:0",
-            ])
+            .args(["--device-listen", "127.0.0.1:0", "--app-listen", "127.0.0.1:0"])
+            .args(["--http-listen", "127.0.0.1:0"])
             .args(["--shards", &shards.to_string()])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -55,28 +51,26 @@ impl Server {
             .spawn()
             .expect("start ringpush");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read ready line");
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read ready line");
+        if !line.starts_with("ringpush ready") {
+            // Never leak a half-started server.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         assert!(
             line.starts_with("ringpush ready"),
             "server did not start: {line:?}\n{}",
             std::fs::read_to_string(&stderr_path).unwrap_or_default()
         );
-        let field = |k: &str| -> SocketAddr {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(k))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+        let field = |k: &str| -> Option<SocketAddr> {
+            line.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok())
         };
-        Server {
-            device: field("device="),
-            app: field("app="),
-            http: field("http="),
-            child,
-            dir,
-            stderr_path,
-        }
+        let (Some(device), Some(app), Some(http)) = (field("device="), field("app="), field("http=")) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ready line without addresses: {line:?}");
+        };
+        Server { device, app, http, child, dir, stderr_path }
     }
 
     pub fn pid(&self) -> i32 {
@@ -96,10 +90,7 @@ impl Server {
             if let Some(s) = self.child.try_wait().expect("wait") {
                 return s;
             }
-            assert!(
-                start.elapsed() < limit,
-                "server did not exit within {limit:?}"
-            );
+            assert!(start.elapsed() < limit, "server did not exit within {limit:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -119,9 +110,7 @@ impl Server {
     }
 
     pub async fn app(&self) -> AppClient {
-        AppClient::connect(self.app, APP, SECRET.as_bytes())
-            .await
-            .expect("app connects")
+        AppClient::connect(self.app, APP, SECRET.as_bytes()).await.expect("app connects")
     }
 }
 
@@ -143,31 +132,19 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).expect("read http reply");
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status code");
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status code");
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (status, body)
 }
 
 pub fn token_for(device: &str, ttl_secs: i64) -> DeviceToken {
     let now = (ringpush::client::unix_ms() / 1000) as i64;
-    DeviceToken::mint(
-        SECRET.as_bytes(),
-        APP,
-        device,
-        (now + ttl_secs).max(0) as u64,
-    )
+    DeviceToken::mint(SECRET.as_bytes(), APP, device, (now + ttl_secs).max(0) as u64)
 }
 
 /// Runs a test body on a glommio executor.
 pub fn run<F: Future<Output = ()>>(f: impl FnOnce() -> F) {
-    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-        .make()
-        .expect("executor")
-        .run(f());
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).make().expect("executor").run(f());
 }
 
 /// The next event within `limit`, or a panic that says what was awaited.

@@ -84,10 +84,7 @@ impl<'a> DeviceList<'a> {
             return Err(DecodeError::new(ErrorCode::BAD_FRAME, "empty device list"));
         }
         if count > limits.max_targets {
-            return Err(DecodeError::new(
-                ErrorCode::TOO_MANY_TARGETS,
-                "device list longer than the maximum",
-            ));
+            return Err(DecodeError::new(ErrorCode::TOO_MANY_TARGETS, "device list longer than the maximum"));
         }
         let all = r.rest();
         let mut scan = Reader::new(all);
@@ -96,10 +93,7 @@ impl<'a> DeviceList<'a> {
         }
         let used = all.len() - scan.rest().len();
         *r = Reader::new(&all[used..]);
-        Ok(DeviceList {
-            count,
-            raw: &all[..used],
-        })
+        Ok(DeviceList { count, raw: &all[..used] })
     }
 
     /// Encodes a list of ids into `out` in list wire form (`u16` count then `str8`s).
@@ -159,19 +153,10 @@ pub enum AppFrame<'a> {
     Auth(Auth<'a>),
     AuthOk(AuthOk),
     Push(Push<'a>),
-    Accepted {
-        request_id: u64,
-        push_id: u64,
-    },
+    Accepted { request_id: u64, push_id: u64 },
     Rejected(Rejected<'a>),
-    Busy {
-        request_id: u64,
-        retry_after_ms: u32,
-    },
-    ReceiptQuery {
-        request_id: u64,
-        push_id: u64,
-    },
+    Busy { request_id: u64, retry_after_ms: u32 },
+    ReceiptQuery { request_id: u64, push_id: u64 },
     Receipt(Receipt),
     Ping(u64),
     Pong(u64),
@@ -181,10 +166,7 @@ pub enum AppFrame<'a> {
 impl<'a> AppFrame<'a> {
     /// Decodes the first frame in `buf`: `Ok(Some((frame, consumed)))`, `Ok(None)` when
     /// more bytes are needed, or the error to report before closing.
-    pub fn decode(
-        buf: &'a [u8],
-        limits: &Limits,
-    ) -> Result<Option<(AppFrame<'a>, usize)>, DecodeError> {
+    pub fn decode(buf: &'a [u8], limits: &Limits) -> Result<Option<(AppFrame<'a>, usize)>, DecodeError> {
         let Some(n) = wire::check_frame(buf, limits, known)? else {
             return Ok(None);
         };
@@ -195,16 +177,10 @@ impl<'a> AppFrame<'a> {
         let (ty, body) = wire::split(frame);
         let mut r = Reader::new(body);
         let f = match ty {
-            AUTH => AppFrame::Auth(Auth {
-                app_id: r.id(MAX_APP_ID)?,
-                timestamp_ms: r.u64()?,
-                proof: r.array()?,
-            }),
-            AUTH_OK => AppFrame::AuthOk(AuthOk {
-                max_frame: r.u32()?,
-                max_targets: r.u16()?,
-                server_time_ms: r.u64()?,
-            }),
+            AUTH => AppFrame::Auth(Auth { app_id: r.id(MAX_APP_ID)?, timestamp_ms: r.u64()?, proof: r.array()? }),
+            AUTH_OK => {
+                AppFrame::AuthOk(AuthOk { max_frame: r.u32()?, max_targets: r.u16()?, server_time_ms: r.u64()? })
+            }
             PUSH => {
                 let request_id = r.u64()?;
                 let ttl_secs = r.u32()?;
@@ -213,38 +189,16 @@ impl<'a> AppFrame<'a> {
                     TARGET_DEVICE => Target::Device(r.id(MAX_DEVICE_ID)?),
                     TARGET_LIST => Target::List(DeviceList::read(&mut r, limits)?),
                     TARGET_APP => Target::App,
-                    _ => {
-                        return Err(DecodeError::new(
-                            ErrorCode::BAD_FRAME,
-                            "unknown push target kind",
-                        ))
-                    }
+                    _ => return Err(DecodeError::new(ErrorCode::BAD_FRAME, "unknown push target kind")),
                 };
-                return Ok(AppFrame::Push(Push {
-                    request_id,
-                    ttl_secs,
-                    flags,
-                    target,
-                    payload: r.rest(),
-                }));
+                return Ok(AppFrame::Push(Push { request_id, ttl_secs, flags, target, payload: r.rest() }));
             }
-            ACCEPTED => AppFrame::Accepted {
-                request_id: r.u64()?,
-                push_id: r.u64()?,
-            },
-            REJECTED => AppFrame::Rejected(Rejected {
-                request_id: r.u64()?,
-                code: ErrorCode(r.u16()?),
-                reason: r.str8()?,
-            }),
-            BUSY => AppFrame::Busy {
-                request_id: r.u64()?,
-                retry_after_ms: r.u32()?,
-            },
-            RECEIPT_QUERY => AppFrame::ReceiptQuery {
-                request_id: r.u64()?,
-                push_id: r.u64()?,
-            },
+            ACCEPTED => AppFrame::Accepted { request_id: r.u64()?, push_id: r.u64()? },
+            REJECTED => {
+                AppFrame::Rejected(Rejected { request_id: r.u64()?, code: ErrorCode(r.u16()?), reason: r.str8()? })
+            }
+            BUSY => AppFrame::Busy { request_id: r.u64()?, retry_after_ms: r.u32()? },
+            RECEIPT_QUERY => AppFrame::ReceiptQuery { request_id: r.u64()?, push_id: r.u64()? },
             RECEIPT => AppFrame::Receipt(Receipt {
                 request_id: r.u64()?,
                 push_id: r.u64()?,
@@ -255,10 +209,7 @@ impl<'a> AppFrame<'a> {
             }),
             PING => AppFrame::Ping(r.u64()?),
             PONG => AppFrame::Pong(r.u64()?),
-            ERROR => AppFrame::Error(ErrorFrame {
-                code: ErrorCode(r.u16()?),
-                message: r.str8()?,
-            }),
+            ERROR => AppFrame::Error(ErrorFrame { code: ErrorCode(r.u16()?), message: r.str8()? }),
             _ => unreachable!("check_frame admits known types only"),
         };
         r.end()?;
@@ -314,10 +265,7 @@ impl<'a> AppFrame<'a> {
                 }
                 out.extend_from_slice(p.payload);
             }
-            AppFrame::Accepted {
-                request_id,
-                push_id,
-            } => {
+            AppFrame::Accepted { request_id, push_id } => {
                 put64(out, *request_id);
                 put64(out, *push_id);
             }
@@ -326,29 +274,16 @@ impl<'a> AppFrame<'a> {
                 out.extend_from_slice(&r.code.0.to_be_bytes());
                 wire::put_str8(out, r.reason);
             }
-            AppFrame::Busy {
-                request_id,
-                retry_after_ms,
-            } => {
+            AppFrame::Busy { request_id, retry_after_ms } => {
                 put64(out, *request_id);
                 out.extend_from_slice(&retry_after_ms.to_be_bytes());
             }
-            AppFrame::ReceiptQuery {
-                request_id,
-                push_id,
-            } => {
+            AppFrame::ReceiptQuery { request_id, push_id } => {
                 put64(out, *request_id);
                 put64(out, *push_id);
             }
             AppFrame::Receipt(r) => {
-                for v in [
-                    r.request_id,
-                    r.push_id,
-                    r.targeted,
-                    r.delivered,
-                    r.stored,
-                    r.expired,
-                ] {
+                for v in [r.request_id, r.push_id, r.targeted, r.delivered, r.stored, r.expired] {
                     put64(out, v);
                 }
             }

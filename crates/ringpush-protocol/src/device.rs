@@ -110,10 +110,7 @@ pub enum DeviceFrame<'a> {
 impl<'a> DeviceFrame<'a> {
     /// Decodes the first frame in `buf`: `Ok(Some((frame, consumed)))`, `Ok(None)` when
     /// more bytes are needed, or the error to report before closing.
-    pub fn decode(
-        buf: &'a [u8],
-        limits: &Limits,
-    ) -> Result<Option<(DeviceFrame<'a>, usize)>, DecodeError> {
+    pub fn decode(buf: &'a [u8], limits: &Limits) -> Result<Option<(DeviceFrame<'a>, usize)>, DecodeError> {
         let Some(n) = wire::check_frame(buf, limits, known)? else {
             return Ok(None);
         };
@@ -151,20 +148,11 @@ impl<'a> DeviceFrame<'a> {
                 };
                 return Ok(DeviceFrame::Message(m));
             }
-            ACK => DeviceFrame::Ack(Ack {
-                seq: r.u64()?,
-                broadcast_seq: r.u64()?,
-            }),
+            ACK => DeviceFrame::Ack(Ack { seq: r.u64()?, broadcast_seq: r.u64()? }),
             PING => DeviceFrame::Ping(r.u64()?),
             PONG => DeviceFrame::Pong(r.u64()?),
-            BYE => DeviceFrame::Bye(Bye {
-                reason: ErrorCode(r.u16()?),
-                redirect: r.str8()?,
-            }),
-            ERROR => DeviceFrame::Error(ErrorFrame {
-                code: ErrorCode(r.u16()?),
-                message: r.str8()?,
-            }),
+            BYE => DeviceFrame::Bye(Bye { reason: ErrorCode(r.u16()?), redirect: r.str8()? }),
+            ERROR => DeviceFrame::Error(ErrorFrame { code: ErrorCode(r.u16()?), message: r.str8()? }),
             _ => unreachable!("check_frame admits known types only"),
         };
         r.end()?;
@@ -207,11 +195,7 @@ impl<'a> DeviceFrame<'a> {
                 wire::finish(out, at);
             }
             DeviceFrame::Ping(n) | DeviceFrame::Pong(n) => {
-                let ty = if matches!(self, DeviceFrame::Ping(_)) {
-                    PING
-                } else {
-                    PONG
-                };
+                let ty = if matches!(self, DeviceFrame::Ping(_)) { PING } else { PONG };
                 let at = wire::begin(out, ty);
                 out.extend_from_slice(&n.to_be_bytes());
                 wire::finish(out, at);

@@ -48,35 +48,19 @@ pub struct Preamble {
 impl Preamble {
     /// The preamble a client of this crate sends.
     pub fn client(role: Role) -> Self {
-        Preamble {
-            role,
-            min_version: VERSION,
-            max_version: VERSION,
-        }
+        Preamble { role, min_version: VERSION, max_version: VERSION }
     }
 
     pub fn encode(&self) -> [u8; PREAMBLE_LEN] {
         let m = MAGIC;
-        [
-            m[0],
-            m[1],
-            m[2],
-            m[3],
-            self.role.byte(),
-            self.min_version,
-            self.max_version,
-            0,
-        ]
+        [m[0], m[1], m[2], m[3], self.role.byte(), self.min_version, self.max_version, 0]
     }
 
     /// `Ok(None)` while fewer than 8 bytes are buffered and those match so far.
     pub fn decode(buf: &[u8]) -> Result<Option<Preamble>, DecodeError> {
         let n = buf.len().min(4);
         if buf[..n] != MAGIC[..n] {
-            return Err(DecodeError::new(
-                ErrorCode::BAD_MAGIC,
-                "not a ringpush client: expected preamble \"RPSH\"",
-            ));
+            return Err(DecodeError::new(ErrorCode::BAD_MAGIC, "not a ringpush client: expected preamble \"RPSH\""));
         }
         if buf.len() < PREAMBLE_LEN {
             if buf.len() > 4 && buf[4] != b'D' && buf[4] != b'A' {
@@ -92,11 +76,7 @@ impl Preamble {
         if buf[7] != 0 || buf[5] > buf[6] {
             return Err(DecodeError::new(ErrorCode::BAD_MAGIC, "malformed preamble"));
         }
-        Ok(Some(Preamble {
-            role,
-            min_version: buf[5],
-            max_version: buf[6],
-        }))
+        Ok(Some(Preamble { role, min_version: buf[5], max_version: buf[6] }))
     }
 
     /// Picks the highest version both this crate and the peer speak.
@@ -104,10 +84,7 @@ impl Preamble {
         if (self.min_version..=self.max_version).contains(&VERSION) {
             Ok(VERSION)
         } else {
-            Err(DecodeError::new(
-                ErrorCode::UNSUPPORTED_VERSION,
-                "no common protocol version (server speaks 1)",
-            ))
+            Err(DecodeError::new(ErrorCode::UNSUPPORTED_VERSION, "no common protocol version (server speaks 1)"))
         }
     }
 }
@@ -133,10 +110,7 @@ mod tests {
 
     #[test]
     fn wrong_clients_fail_on_first_differing_byte() {
-        assert_eq!(
-            Preamble::decode(b"G").unwrap_err().code,
-            ErrorCode::BAD_MAGIC
-        );
+        assert_eq!(Preamble::decode(b"G").unwrap_err().code, ErrorCode::BAD_MAGIC);
         assert!(Preamble::decode(b"GET / HTTP/1.1\r\n").is_err());
         assert!(Preamble::decode(&[0x16, 0x03, 0x01]).is_err()); // TLS ClientHello
         assert!(Preamble::decode(b"RPSHX").is_err());
@@ -145,10 +119,7 @@ mod tests {
     #[test]
     fn version_mismatch() {
         let p = Preamble::decode(b"RPSHA\x02\x03\x00").unwrap().unwrap();
-        assert_eq!(
-            p.negotiate().unwrap_err().code,
-            ErrorCode::UNSUPPORTED_VERSION
-        );
+        assert_eq!(p.negotiate().unwrap_err().code, ErrorCode::UNSUPPORTED_VERSION);
         assert!(Preamble::decode(b"RPSHA\x03\x02\x00").is_err());
     }
 }

@@ -41,9 +41,7 @@ fn device_mac(secret: &[u8], app: &str, device: &str, expiry: u64) -> HmacSha256
 impl DeviceToken {
     /// Mints a token valid until `expiry` (unix seconds).
     pub fn mint(secret: &[u8], app: &str, device: &str, expiry: u64) -> Self {
-        let tag = device_mac(secret, app, device, expiry)
-            .finalize()
-            .into_bytes();
+        let tag = device_mac(secret, app, device, expiry).finalize().into_bytes();
         let mut t = [0; TOKEN_LEN];
         t[..8].copy_from_slice(&expiry.to_be_bytes());
         t[8..].copy_from_slice(&tag);
@@ -55,21 +53,12 @@ impl DeviceToken {
     }
 
     /// Checks the MAC in constant time, then the expiry against `now_secs`.
-    pub fn verify(
-        &self,
-        secret: &[u8],
-        app: &str,
-        device: &str,
-        now_secs: u64,
-    ) -> Result<(), DecodeError> {
+    pub fn verify(&self, secret: &[u8], app: &str, device: &str, now_secs: u64) -> Result<(), DecodeError> {
         device_mac(secret, app, device, self.expiry())
             .verify_slice(&self.0[8..])
             .map_err(|_| DecodeError::new(ErrorCode::BAD_TOKEN, "device token does not verify"))?;
         if self.expiry() <= now_secs {
-            return Err(DecodeError::new(
-                ErrorCode::EXPIRED_TOKEN,
-                "device token has expired",
-            ));
+            return Err(DecodeError::new(ErrorCode::EXPIRED_TOKEN, "device token has expired"));
         }
         Ok(())
     }
@@ -85,8 +74,7 @@ impl DeviceToken {
     }
 
     pub fn from_hex(s: &str) -> Result<Self, DecodeError> {
-        const BAD: DecodeError =
-            DecodeError::new(ErrorCode::BAD_TOKEN, "token must be 80 hex digits");
+        const BAD: DecodeError = DecodeError::new(ErrorCode::BAD_TOKEN, "token must be 80 hex digits");
         let s = s.trim().as_bytes();
         if s.len() != TOKEN_LEN * 2 {
             return Err(BAD);
@@ -102,10 +90,7 @@ impl DeviceToken {
 
 /// The AUTH proof an app sends for `app` at `timestamp_ms`.
 pub fn auth_proof(secret: &[u8], app: &str, timestamp_ms: u64) -> [u8; 32] {
-    auth_mac(secret, app, timestamp_ms)
-        .finalize()
-        .into_bytes()
-        .into()
+    auth_mac(secret, app, timestamp_ms).finalize().into_bytes().into()
 }
 
 fn auth_mac(secret: &[u8], app: &str, timestamp_ms: u64) -> HmacSha256 {
@@ -131,10 +116,7 @@ pub fn verify_auth(
         .verify_slice(proof)
         .map_err(|_| DecodeError::new(ErrorCode::NOT_AUTHORIZED, "app proof does not verify"))?;
     if now_ms.abs_diff(timestamp_ms) > max_skew_ms {
-        return Err(DecodeError::new(
-            ErrorCode::NOT_AUTHORIZED,
-            "app proof timestamp too far from server time",
-        ));
+        return Err(DecodeError::new(ErrorCode::NOT_AUTHORIZED, "app proof timestamp too far from server time"));
     }
     Ok(())
 }
@@ -148,28 +130,18 @@ mod tests {
         let t = DeviceToken::mint(b"s3cret", "demo", "dev-1", 2_000_000_000);
         assert_eq!(t.expiry(), 2_000_000_000);
         t.verify(b"s3cret", "demo", "dev-1", 1_900_000_000).unwrap();
-        let e = t
-            .verify(b"s3cret", "demo", "dev-1", 2_000_000_000)
-            .unwrap_err();
+        let e = t.verify(b"s3cret", "demo", "dev-1", 2_000_000_000).unwrap_err();
         assert_eq!(e.code, ErrorCode::EXPIRED_TOKEN);
-        for (secret, app, dev) in [
-            (&b"other"[..], "demo", "dev-1"),
-            (b"s3cret", "demx", "dev-1"),
-            (b"s3cret", "demo", "dev-2"),
-        ] {
+        for (secret, app, dev) in
+            [(&b"other"[..], "demo", "dev-1"), (b"s3cret", "demx", "dev-1"), (b"s3cret", "demo", "dev-2")]
+        {
             let e = t.verify(secret, app, dev, 0).unwrap_err();
             assert_eq!(e.code, ErrorCode::BAD_TOKEN);
         }
         // Moving the expiry forward breaks the MAC.
         let mut forged = t;
         forged.0[7] ^= 1;
-        assert_eq!(
-            forged
-                .verify(b"s3cret", "demo", "dev-1", 0)
-                .unwrap_err()
-                .code,
-            ErrorCode::BAD_TOKEN
-        );
+        assert_eq!(forged.verify(b"s3cret", "demo", "dev-1", 0).unwrap_err().code, ErrorCode::BAD_TOKEN);
     }
 
     #[test]

@@ -26,10 +26,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_frame: 64 * 1024,
-            max_targets: 1000,
-        }
+        Limits { max_frame: 64 * 1024, max_targets: 1000 }
     }
 }
 
@@ -38,29 +35,19 @@ impl Default for Limits {
 /// Returns `Ok(Some(total_len))` with the header included, `Ok(None)` when more bytes
 /// are needed, or an error as soon as the header shows an unknown type (per `known`)
 /// or a body longer than `limits.max_frame`.
-pub fn check_frame(
-    buf: &[u8],
-    limits: &Limits,
-    known: fn(u8) -> bool,
-) -> Result<Option<usize>, DecodeError> {
+pub fn check_frame(buf: &[u8], limits: &Limits, known: fn(u8) -> bool) -> Result<Option<usize>, DecodeError> {
     let Some(&ty) = buf.first() else {
         return Ok(None);
     };
     if !known(ty) {
-        return Err(DecodeError::new(
-            ErrorCode::UNKNOWN_FRAME_TYPE,
-            "unknown frame type",
-        ));
+        return Err(DecodeError::new(ErrorCode::UNKNOWN_FRAME_TYPE, "unknown frame type"));
     }
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
     if len > limits.max_frame.min(MAX_FRAME_CEILING) {
-        return Err(DecodeError::new(
-            ErrorCode::OVERSIZE,
-            "declared frame length exceeds the maximum",
-        ));
+        return Err(DecodeError::new(ErrorCode::OVERSIZE, "declared frame length exceeds the maximum"));
     }
     let total = HEADER_LEN + len as usize;
     Ok((buf.len() >= total).then_some(total))
@@ -103,10 +90,7 @@ pub fn truncate_str8(s: &str) -> &str {
 /// Validates an id: 1..=max bytes of UTF-8 with no control characters.
 pub fn check_id(s: &str, max: usize) -> Result<(), DecodeError> {
     if s.is_empty() || s.len() > max || s.chars().any(char::is_control) {
-        return Err(DecodeError::new(
-            ErrorCode::BAD_ID,
-            "id is empty, too long or has control characters",
-        ));
+        return Err(DecodeError::new(ErrorCode::BAD_ID, "id is empty, too long or has control characters"));
     }
     Ok(())
 }
@@ -177,10 +161,7 @@ impl<'a> Reader<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(DecodeError::new(
-                ErrorCode::BAD_FRAME,
-                "trailing bytes after the last field",
-            ))
+            Err(DecodeError::new(ErrorCode::BAD_FRAME, "trailing bytes after the last field"))
         }
     }
 }
@@ -200,10 +181,7 @@ mod tests {
 
     #[test]
     fn oversize_is_rejected_from_the_header_alone() {
-        let limits = Limits {
-            max_frame: 10,
-            max_targets: 1,
-        };
+        let limits = Limits { max_frame: 10, max_targets: 1 };
         let e = check_frame(&[1, 0, 0, 0, 11], &limits, any).unwrap_err();
         assert_eq!(e.code, ErrorCode::OVERSIZE);
         assert_eq!(check_frame(&[1, 0, 0, 0, 10], &limits, any).unwrap(), None);
@@ -222,7 +200,7 @@ mod tests {
     fn truncate_respects_char_boundaries() {
         let s = "é".repeat(200);
         let t = truncate_str8(&s);
-        assert!(t.len() <= 255 && t.len() % 2 == 0);
+        assert!(t.len() <= 255 && t.len().is_multiple_of(2));
         assert_eq!(truncate_str8("abc"), "abc");
     }
 

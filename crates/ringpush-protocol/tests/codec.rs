@@ -12,15 +12,11 @@ use ringpush_protocol::{ErrorCode, Limits};
 const PIECES: [usize; 6] = [1, 2, 3, 5, 7, 64];
 
 fn decode_device(buf: &[u8]) -> Option<(Vec<u8>, usize)> {
-    DeviceFrame::decode(buf, &limits())
-        .expect("valid stream")
-        .map(|(f, n)| (encode_device(&f), n))
+    DeviceFrame::decode(buf, &limits()).expect("valid stream").map(|(f, n)| (encode_device(&f), n))
 }
 
 fn decode_app(buf: &[u8]) -> Option<(Vec<u8>, usize)> {
-    AppFrame::decode(buf, &limits())
-        .expect("valid stream")
-        .map(|(f, n)| (encode_app(&f), n))
+    AppFrame::decode(buf, &limits()).expect("valid stream").map(|(f, n)| (encode_app(&f), n))
 }
 
 #[test]
@@ -31,19 +27,11 @@ fn every_device_frame_round_trips_at_every_split() {
         assert_eq!(decoded, frame, "{name}");
         assert_eq!(used, bytes.len(), "{name}");
         for piece in PIECES {
-            assert_eq!(
-                feed_split(&bytes, piece, decode_device),
-                vec![bytes.clone()],
-                "{name} split {piece}"
-            );
+            assert_eq!(feed_split(&bytes, piece, decode_device), vec![bytes.clone()], "{name} split {piece}");
         }
         // Every strict prefix is "incomplete", never an error.
         for cut in 0..bytes.len() {
-            assert_eq!(
-                DeviceFrame::decode(&bytes[..cut], &limits()).unwrap(),
-                None,
-                "{name} cut {cut}"
-            );
+            assert_eq!(DeviceFrame::decode(&bytes[..cut], &limits()).unwrap(), None, "{name} cut {cut}");
         }
     }
 }
@@ -63,35 +51,20 @@ fn every_app_frame_round_trips_at_every_split() {
     all.push(("app.push.list".into(), list_push_bytes()));
     for (name, bytes) in &all {
         for piece in PIECES {
-            assert_eq!(
-                feed_split(bytes, piece, decode_app),
-                vec![bytes.clone()],
-                "{name} split {piece}"
-            );
+            assert_eq!(feed_split(bytes, piece, decode_app), vec![bytes.clone()], "{name} split {piece}");
         }
         for cut in 0..bytes.len() {
-            assert_eq!(
-                AppFrame::decode(&bytes[..cut], &limits()).unwrap(),
-                None,
-                "{name} cut {cut}"
-            );
+            assert_eq!(AppFrame::decode(&bytes[..cut], &limits()).unwrap(), None, "{name} cut {cut}");
         }
     }
 }
 
 #[test]
 fn a_stream_of_all_frames_decodes_identically_at_every_split() {
-    let dev: Vec<Vec<u8>> = device_samples()
-        .iter()
-        .map(|(_, f)| encode_device(f))
-        .collect();
+    let dev: Vec<Vec<u8>> = device_samples().iter().map(|(_, f)| encode_device(f)).collect();
     let stream = dev.concat();
     for piece in PIECES {
-        assert_eq!(
-            feed_split(&stream, piece, decode_device),
-            dev,
-            "split {piece}"
-        );
+        assert_eq!(feed_split(&stream, piece, decode_device), dev, "split {piece}");
     }
     let mut app: Vec<Vec<u8>> = app_samples().iter().map(|(_, f)| encode_app(f)).collect();
     app.push(list_push_bytes());
@@ -105,13 +78,7 @@ fn a_stream_of_all_frames_decodes_identically_at_every_split() {
 fn list_push_decodes_its_targets() {
     let bytes = list_push_bytes();
     let (f, _) = AppFrame::decode(&bytes, &limits()).unwrap().unwrap();
-    let AppFrame::Push(Push {
-        target: Target::List(l),
-        payload,
-        ttl_secs,
-        ..
-    }) = f
-    else {
+    let AppFrame::Push(Push { target: Target::List(l), payload, ttl_secs, .. }) = f else {
         panic!("not a list push: {f:?}")
     };
     assert_eq!(l.iter().collect::<Vec<_>>(), ["dev-1", "dev-2"]);
@@ -123,18 +90,9 @@ fn too_many_targets_is_rejected() {
     let ids: Vec<String> = (0..11).map(|i| format!("d{i}")).collect();
     let mut out = Vec::new();
     ringpush_protocol::app::encode_push_list(&mut out, 1, 0, &ids, b"x");
-    let small = Limits {
-        max_frame: 65536,
-        max_targets: 10,
-    };
-    assert_eq!(
-        AppFrame::decode(&out, &small).unwrap_err().code,
-        ErrorCode::TOO_MANY_TARGETS
-    );
-    let ten = Limits {
-        max_targets: 11,
-        ..small
-    };
+    let small = Limits { max_frame: 65536, max_targets: 10 };
+    assert_eq!(AppFrame::decode(&out, &small).unwrap_err().code, ErrorCode::TOO_MANY_TARGETS);
+    let ten = Limits { max_targets: 11, ..small };
     assert!(AppFrame::decode(&out, &ten).unwrap().is_some());
 }
 
@@ -142,31 +100,15 @@ fn too_many_targets_is_rejected() {
 fn malformed_frames_get_the_right_code() {
     let l = limits();
     // Oversize declared length: rejected from the header, whatever follows.
-    assert_eq!(
-        DeviceFrame::decode(&[3, 0, 1, 0, 1], &l).unwrap_err().code,
-        ErrorCode::OVERSIZE
-    );
+    assert_eq!(DeviceFrame::decode(&[3, 0, 1, 0, 1], &l).unwrap_err().code, ErrorCode::OVERSIZE);
     // Unknown type.
-    assert_eq!(
-        DeviceFrame::decode(&[0x42], &l).unwrap_err().code,
-        ErrorCode::UNKNOWN_FRAME_TYPE
-    );
-    assert_eq!(
-        AppFrame::decode(&[0x01], &l).unwrap_err().code,
-        ErrorCode::UNKNOWN_FRAME_TYPE
-    );
+    assert_eq!(DeviceFrame::decode(&[0x42], &l).unwrap_err().code, ErrorCode::UNKNOWN_FRAME_TYPE);
+    assert_eq!(AppFrame::decode(&[0x01], &l).unwrap_err().code, ErrorCode::UNKNOWN_FRAME_TYPE);
     // ACK with a short body.
-    assert_eq!(
-        DeviceFrame::decode(&[4, 0, 0, 0, 1, 0], &l)
-            .unwrap_err()
-            .code,
-        ErrorCode::BAD_FRAME
-    );
+    assert_eq!(DeviceFrame::decode(&[4, 0, 0, 0, 1, 0], &l).unwrap_err().code, ErrorCode::BAD_FRAME);
     // PING with trailing bytes.
     assert_eq!(
-        DeviceFrame::decode(&[5, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0], &l)
-            .unwrap_err()
-            .code,
+        DeviceFrame::decode(&[5, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0], &l).unwrap_err().code,
         ErrorCode::BAD_FRAME
     );
     // HELLO with an empty app id.
@@ -176,10 +118,7 @@ fn malformed_frames_get_the_right_code() {
     // PUSH with an unknown target kind.
     let mut push = encode_app(&app_samples()[2].1);
     push[5 + 8 + 4 + 1] = 9;
-    assert_eq!(
-        AppFrame::decode(&push, &l).unwrap_err().code,
-        ErrorCode::BAD_FRAME
-    );
+    assert_eq!(AppFrame::decode(&push, &l).unwrap_err().code, ErrorCode::BAD_FRAME);
     // Non-UTF-8 device id.
     let mut push = encode_app(&app_samples()[2].1);
     push[5 + 8 + 4 + 1 + 1 + 1] = 0xff;
@@ -190,14 +129,9 @@ fn malformed_frames_get_the_right_code() {
 fn decode_borrows_the_payload() {
     let bytes = encode_device(&device_samples()[2].1);
     let (f, _) = DeviceFrame::decode(&bytes, &limits()).unwrap().unwrap();
-    let DeviceFrame::Message(Message { payload, .. }) = f else {
-        panic!()
-    };
+    let DeviceFrame::Message(Message { payload, .. }) = f else { panic!() };
     let range = bytes.as_ptr_range();
-    assert!(
-        range.contains(&payload.as_ptr()),
-        "payload must point into the input buffer"
-    );
+    assert!(range.contains(&payload.as_ptr()), "payload must point into the input buffer");
 }
 
 fn arb_id(max: usize) -> impl Strategy<Value = String> {

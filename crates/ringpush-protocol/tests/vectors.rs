@@ -28,10 +28,7 @@ fn spec_vectors() -> BTreeMap<String, Vec<u8>> {
             let (name, hex) = t.split_once('=').expect("vector line is `name = hex`");
             let clean: String = hex.split_whitespace().collect();
             let bytes = hex::decode(&clean).unwrap_or_else(|e| panic!("{name}: bad hex: {e}"));
-            assert!(
-                out.insert(name.trim().to_string(), bytes).is_none(),
-                "duplicate vector {name}"
-            );
+            assert!(out.insert(name.trim().to_string(), bytes).is_none(), "duplicate vector {name}");
         }
     }
     out
@@ -40,12 +37,7 @@ fn spec_vectors() -> BTreeMap<String, Vec<u8>> {
 fn spaced(b: &[u8]) -> String {
     // Header (type and length) apart from the body, for readability.
     if b.len() > 5 {
-        format!(
-            "{} {} {}",
-            hex::encode(&b[..1]),
-            hex::encode(&b[1..5]),
-            hex::encode(&b[5..])
-        )
+        format!("{} {} {}", hex::encode(&b[..1]), hex::encode(&b[1..5]), hex::encode(&b[5..]))
     } else {
         hex::encode(b)
     }
@@ -58,9 +50,7 @@ fn spec_vectors_match_the_codec() {
     for (name, f) in device_samples() {
         let bytes = encode_device(&f);
         if let Some(v) = spec.get(name) {
-            let (d, n) = DeviceFrame::decode(v, &limits())
-                .expect("vector decodes")
-                .expect("vector is whole");
+            let (d, n) = DeviceFrame::decode(v, &limits()).expect("vector decodes").expect("vector is whole");
             assert_eq!((d, n), (f, v.len()), "{name}: decoding the spec vector");
         }
         expected.push((name.into(), bytes));
@@ -68,37 +58,23 @@ fn spec_vectors_match_the_codec() {
     for (name, f) in app_samples() {
         let bytes = encode_app(&f);
         if let Some(v) = spec.get(name) {
-            let (d, n) = AppFrame::decode(v, &limits())
-                .expect("vector decodes")
-                .expect("vector is whole");
+            let (d, n) = AppFrame::decode(v, &limits()).expect("vector decodes").expect("vector is whole");
             assert_eq!((d, n), (f, v.len()), "{name}: decoding the spec vector");
         }
         expected.push((name.into(), bytes));
     }
     expected.push(("app.push.list".into(), list_push_bytes()));
-    expected.push((
-        "preamble.device".into(),
-        Preamble::client(Role::Device).encode().to_vec(),
-    ));
-    expected.push((
-        "preamble.app".into(),
-        Preamble::client(Role::App).encode().to_vec(),
-    ));
+    expected.push(("preamble.device".into(), Preamble::client(Role::Device).encode().to_vec()));
+    expected.push(("preamble.app".into(), Preamble::client(Role::App).encode().to_vec()));
     expected.push(("token.demo.dev-1".into(), token().0.to_vec()));
-    expected.push((
-        "auth_proof.demo".into(),
-        token::auth_proof(SECRET, "demo", 1_800_000_000_000).to_vec(),
-    ));
+    expected.push(("auth_proof.demo".into(), token::auth_proof(SECRET, "demo", 1_800_000_000_000).to_vec()));
 
     let wrong: Vec<String> = expected
         .iter()
         .filter(|(name, bytes)| spec.get(name) != Some(bytes))
         .map(|(name, bytes)| format!("{name} = {}", spaced(bytes)))
         .collect();
-    let extra: Vec<&String> = spec
-        .keys()
-        .filter(|k| !expected.iter().any(|(n, _)| n == *k))
-        .collect();
+    let extra: Vec<&String> = spec.keys().filter(|k| !expected.iter().any(|(n, _)| n == *k)).collect();
     assert!(
         wrong.is_empty() && extra.is_empty(),
         "docs/protocol.md vectors are out of date.\nCorrect lines:\n{}\nUnknown vectors: {extra:?}",

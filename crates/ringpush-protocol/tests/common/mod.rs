@@ -2,9 +2,7 @@
 
 #![allow(dead_code)]
 
-use ringpush_protocol::app::{
-    encode_push_list, AppFrame, Auth, AuthOk, Push, Receipt, Rejected, Target,
-};
+use ringpush_protocol::app::{encode_push_list, AppFrame, Auth, AuthOk, Push, Receipt, Rejected, Target};
 use ringpush_protocol::device::{Ack, Bye, DeviceFrame, Hello, Message, Welcome};
 use ringpush_protocol::{token, DeviceToken, ErrorCode, ErrorFrame, Limits};
 
@@ -52,37 +50,13 @@ pub fn device_samples() -> Vec<(&'static str, DeviceFrame<'static>)> {
         ),
         (
             "device.message.broadcast",
-            DeviceFrame::Message(Message {
-                flags: 1,
-                seq: 8,
-                push_id: 9,
-                expiry_ms: 1_800_000_060_000,
-                payload: b"",
-            }),
+            DeviceFrame::Message(Message { flags: 1, seq: 8, push_id: 9, expiry_ms: 1_800_000_060_000, payload: b"" }),
         ),
-        (
-            "device.ack",
-            DeviceFrame::Ack(Ack {
-                seq: 42,
-                broadcast_seq: 8,
-            }),
-        ),
+        ("device.ack", DeviceFrame::Ack(Ack { seq: 42, broadcast_seq: 8 })),
         ("device.ping", DeviceFrame::Ping(1)),
         ("device.pong", DeviceFrame::Pong(1)),
-        (
-            "device.bye",
-            DeviceFrame::Bye(Bye {
-                reason: ErrorCode::REDIRECT,
-                redirect: "10.0.0.2:7000",
-            }),
-        ),
-        (
-            "device.error",
-            DeviceFrame::Error(ErrorFrame {
-                code: ErrorCode::BAD_TOKEN,
-                message: "bad token",
-            }),
-        ),
+        ("device.bye", DeviceFrame::Bye(Bye { reason: ErrorCode::REDIRECT, redirect: "10.0.0.2:7000" })),
+        ("device.error", DeviceFrame::Error(ErrorFrame { code: ErrorCode::BAD_TOKEN, message: "bad token" })),
     ]
 }
 
@@ -106,11 +80,7 @@ pub fn app_samples() -> Vec<(&'static str, AppFrame<'static>)> {
         ),
         (
             "app.auth_ok",
-            AppFrame::AuthOk(AuthOk {
-                max_frame: 1_048_576,
-                max_targets: 1000,
-                server_time_ms: 1_800_000_000_000,
-            }),
+            AppFrame::AuthOk(AuthOk { max_frame: 1_048_576, max_targets: 1000, server_time_ms: 1_800_000_000_000 }),
         ),
         (
             "app.push.device",
@@ -124,63 +94,22 @@ pub fn app_samples() -> Vec<(&'static str, AppFrame<'static>)> {
         ),
         (
             "app.push.app",
-            AppFrame::Push(Push {
-                request_id: 3,
-                ttl_secs: 0,
-                flags: 0,
-                target: Target::App,
-                payload: b"all",
-            }),
+            AppFrame::Push(Push { request_id: 3, ttl_secs: 0, flags: 0, target: Target::App, payload: b"all" }),
         ),
-        (
-            "app.accepted",
-            AppFrame::Accepted {
-                request_id: 1,
-                push_id: 0x0001_0000_0000_0005,
-            },
-        ),
+        ("app.accepted", AppFrame::Accepted { request_id: 1, push_id: 0x0001_0000_0000_0005 }),
         (
             "app.rejected",
-            AppFrame::Rejected(Rejected {
-                request_id: 1,
-                code: ErrorCode::STORAGE_FULL,
-                reason: "queue full",
-            }),
+            AppFrame::Rejected(Rejected { request_id: 1, code: ErrorCode::STORAGE_FULL, reason: "queue full" }),
         ),
-        (
-            "app.busy",
-            AppFrame::Busy {
-                request_id: 1,
-                retry_after_ms: 50,
-            },
-        ),
-        (
-            "app.receipt_query",
-            AppFrame::ReceiptQuery {
-                request_id: 4,
-                push_id: 5,
-            },
-        ),
+        ("app.busy", AppFrame::Busy { request_id: 1, retry_after_ms: 50 }),
+        ("app.receipt_query", AppFrame::ReceiptQuery { request_id: 4, push_id: 5 }),
         (
             "app.receipt",
-            AppFrame::Receipt(Receipt {
-                request_id: 4,
-                push_id: 5,
-                targeted: 3,
-                delivered: 2,
-                stored: 1,
-                expired: 0,
-            }),
+            AppFrame::Receipt(Receipt { request_id: 4, push_id: 5, targeted: 3, delivered: 2, stored: 1, expired: 0 }),
         ),
         ("app.ping", AppFrame::Ping(2)),
         ("app.pong", AppFrame::Pong(2)),
-        (
-            "app.error",
-            AppFrame::Error(ErrorFrame {
-                code: ErrorCode::NOT_AUTHORIZED,
-                message: "bad proof",
-            }),
-        ),
+        ("app.error", AppFrame::Error(ErrorFrame { code: ErrorCode::NOT_AUTHORIZED, message: "bad proof" })),
     ]
 }
 
