@@ -106,3 +106,21 @@ fn stats_against_a_dead_port_fails_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
 }
+
+#[test]
+fn the_grafana_dashboard_only_uses_metrics_the_box_exports() {
+    let dash = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/ansible/dashboards/ringpush.json"))
+        .expect("dashboard file");
+    let json: serde_json::Value = serde_json::from_str(&dash).expect("dashboard is JSON");
+    assert!(json["panels"].as_array().is_some_and(|p| !p.is_empty()));
+    let srv = Server::start(1, "");
+    let (_, text) = http_get(srv.http, "/metrics");
+    let mut names: Vec<&str> =
+        dash.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("ringpush_")).collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 8, "{names:?}");
+    for n in names {
+        assert!(text.contains(&format!("# TYPE {n} ")), "dashboard uses {n}, which /metrics does not export");
+    }
+}
