@@ -32,6 +32,11 @@ pub enum Command {
     Push(PushArgs),
     /// Show a running box's sessions, push rates and latencies (from its HTTP port).
     Stats(StatsArgs),
+    /// Load-test a box: unicast, broadcast or idle connections, end to end.
+    Bench(crate::bench::BenchArgs),
+    /// One load-generator process of `ringpush bench` (started by it).
+    #[command(hide = true)]
+    BenchWorker(crate::bench::WorkerArgs),
 }
 
 #[derive(Args, Debug)]
@@ -135,6 +140,8 @@ pub fn run(cli: Cli) -> i32 {
         Command::Device(a) => on_executor(device(a)),
         Command::Push(a) => on_executor(push(a)),
         Command::Stats(a) => crate::stats_cli::run(&a.server, a.once, a.interval),
+        Command::Bench(a) => crate::bench::run(a),
+        Command::BenchWorker(a) => crate::bench::worker(a),
     };
     match result {
         Ok(()) => 0,
@@ -160,6 +167,7 @@ fn init_logging() {
 
 fn serve(a: ServeArgs) -> Result<(), String> {
     init_logging();
+    let nofile = crate::server::raise_nofile();
     let mut cfg = match &a.config {
         Some(p) => Config::from_file(p)?,
         None => Config::default(),
@@ -189,6 +197,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
+        open_files_limit = nofile,
         profile = if cfg!(debug_assertions) { "debug" } else { "release" },
         "starting ringpush"
     );

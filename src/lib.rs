@@ -15,10 +15,12 @@
 //! - [`config`], [`duration`], [`clock`]: settings with defaults, `30s`-style
 //!   durations, injected time.
 //! - [`http`]: the HTTP port (/healthz, /readyz).
+//! - [`bench`]: the load generator (`ringpush bench`).
 //! - [`cli`]: the `ringpush` command line.
 //!
 //! The wire protocols live in the `ringpush-protocol` crate (sans-IO).
 
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod clock;

@@ -31,6 +31,19 @@ pub struct Ready {
     pub cpus: Vec<usize>,
 }
 
+/// Raises the soft open-files limit to the hard one (devices need one fd each).
+pub fn raise_nofile() -> u64 {
+    // SAFETY: getrlimit/setrlimit on a zeroed struct of the right type.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+        r.rlim_cur
+    }
+}
+
 /// CPUs in this process's affinity mask, in order.
 pub fn affinity_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for pid 0 (us).

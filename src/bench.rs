@@ -1,0 +1,586 @@
+//! `ringpush bench`: the load generator.
+//!
+//! The parent process starts (or targets) a box, spreads the devices over worker
+//! processes (`ringpush bench-worker`, at most `--per-process` devices each, so no
+//! process nears the open-files limit), pushes from an app connection on its own
+//! glommio executor, then collects each worker's counts and latency histogram
+//! (hdrhistogram, V2-serialized) and merges them.
+//!
+//! Latency is end to end: the app writes its send time (unix µs) in the first 8 bytes
+//! of the payload; the device records `now - send time` when it reads the message.
+//!
+//! Scenarios: `unicast` (M pushes to random devices, acked by the devices), `broadcast`
+//! (K pushes to every device of the app), `idle` (connect N devices and hold: connect
+//! rate, server RSS and kernel memory per connection).
+
+use crate::client::{unix_ms, AppClient, AppReply, DeviceClient, DeviceEvent, PushOutcome, PushTarget};
+use clap::{Args, ValueEnum};
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use hdrhistogram::Histogram;
+use ringpush_protocol::DeviceToken;
+use serde_json::{json, Value};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const APP: &str = "bench";
+const SECRET: &str = "bench-secret-0123456789abcdef";
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Scenario {
+    Unicast,
+    Broadcast,
+    Idle,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Devices to connect.
+    #[arg(long, default_value_t = 10_000)]
+    pub devices: usize,
+    /// Pushes to send (unicast: one device each; broadcast: to every device).
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: u64,
+    /// Payload bytes per message (at least 8: the send timestamp).
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// Pushes per second (0: as fast as the box accepts).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Pushes in flight on the app connection.
+    #[arg(long, default_value_t = 4096)]
+    pub inflight: usize,
+    /// Target a running box (its device port); the box must have the app `bench` with
+    /// the secret given by --secret. Without it, a box is spawned.
+    #[arg(long)]
+    pub server: Option<SocketAddr>,
+    /// The running box's app port (with --server).
+    #[arg(long)]
+    pub app_server: Option<SocketAddr>,
+    /// Secret of the app `bench` on a running box.
+    #[arg(long, default_value = SECRET)]
+    pub secret: String,
+    /// Shards of the spawned box (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub shards: usize,
+    /// Extra config lines for the spawned box, e.g. --set 'metrics = false'.
+    #[arg(long = "set")]
+    pub set: Vec<String>,
+    /// Devices per load-generator process.
+    #[arg(long, default_value_t = 8000)]
+    pub per_process: usize,
+    /// How long the idle scenario holds the connections.
+    #[arg(long, default_value = "3s", value_parser = crate::duration::parse)]
+    pub hold: Duration,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("static histogram bounds are valid")
+}
+
+/// A box started for the run, stopped by its PID.
+struct Spawned {
+    child: Child,
+    device: SocketAddr,
+    app: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Spawned {
+    fn start(shards: usize, set: &[String]) -> Result<Spawned, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let cfg = dir.path().join("bench.toml");
+        let mut text = set.join("\n");
+        text.push_str(&format!("\n[[apps]]\nid = \"{APP}\"\nsecret = \"{SECRET}\"\n"));
+        std::fs::write(&cfg, text).map_err(|e| e.to_string())?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut child = Command::new(exe)
+            .arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--device-listen", "127.0.0.1:0", "--app-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(["--shards", &shards.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start the box: {e}"))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line).map_err(|e| e.to_string())?;
+        let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok());
+        match (field("device="), field("app=")) {
+            (Some(device), Some(app)) => Ok(Spawned { child, device, app, _dir: dir }),
+            _ => {
+                let _ = child.kill();
+                Err(format!("the box did not start: {line:?}"))
+            }
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU seconds (user + system) and RSS bytes of a process, from /proc.
+pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    Some((ticks / hz, rss_kb * 1024))
+}
+
+/// Kernel memory that grows with sockets: TCP buffer pages (sockstat) plus slab.
+pub fn kernel_socket_bytes() -> u64 {
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+    let pages: u64 = sockstat
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "mem").nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let slab_kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4096 + slab_kb * 1024
+}
+
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+fn spawn_workers(args: &BenchArgs, device: SocketAddr) -> Result<Vec<Worker>, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let per = args.per_process.max(1);
+    let mut workers = Vec::new();
+    let mut from = 0;
+    while from < args.devices {
+        let count = per.min(args.devices - from);
+        let mut child = Command::new(&exe)
+            .arg("bench-worker")
+            .args(["--server", &device.to_string(), "--secret", &args.secret])
+            .args(["--from", &from.to_string(), "--count", &count.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start a load-generator process: {e}"))?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        workers.push(Worker { child, stdin, stdout });
+        from += count;
+    }
+    Ok(workers)
+}
+
+fn read_line(w: &mut Worker) -> Result<String, String> {
+    let mut line = String::new();
+    match w.stdout.read_line(&mut line) {
+        Ok(0) => Err("a load-generator process exited early".into()),
+        Ok(_) => Ok(line),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// What the pushing side saw.
+#[derive(Default)]
+struct PushSide {
+    accepted: u64,
+    rejected: u64,
+    busy_retries: u64,
+    elapsed: Duration,
+}
+
+async fn push_load(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSide, String> {
+    let mut app = AppClient::connect(app_addr, APP, args.secret.as_bytes()).await.map_err(|e| e.to_string())?;
+    let names: Vec<String> = (0..args.devices).map(|i| format!("d{i}")).collect();
+    let mut payload = vec![0x2au8; args.payload.max(8)];
+    let mut out = PushSide::default();
+    let mut inflight: HashMap<u64, Option<usize>> = HashMap::new();
+    let mut retry: Vec<Option<usize>> = Vec::new();
+    let mut queued = 0u64;
+    let mut rng = rand::random::<u64>() | 1;
+    let start = Instant::now();
+    while out.accepted + out.rejected < args.messages {
+        while inflight.len() < args.inflight && (queued < args.messages || !retry.is_empty()) {
+            if args.rate > 0 {
+                let due = Duration::from_secs_f64((out.accepted + inflight.len() as u64) as f64 / args.rate as f64);
+                if start.elapsed() < due {
+                    break;
+                }
+            }
+            let target = if let Some(t) = retry.pop() {
+                t
+            } else {
+                queued += 1;
+                match args.scenario {
+                    Scenario::Broadcast => None,
+                    _ => {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        Some((rng % names.len() as u64) as usize)
+                    }
+                }
+            };
+            payload[..8].copy_from_slice(&unix_us().to_be_bytes());
+            let t = match target {
+                Some(i) => PushTarget::Device(&names[i]),
+                None => PushTarget::App,
+            };
+            let id = app.queue_push(t, 0, &payload);
+            inflight.insert(id, target);
+        }
+        app.flush().await.map_err(|e| e.to_string())?;
+        if inflight.is_empty() {
+            glommio::timer::sleep(Duration::from_micros(200)).await;
+            continue;
+        }
+        match app.next_reply().await.map_err(|e| e.to_string())? {
+            AppReply::Push(id, outcome) => {
+                let target = inflight.remove(&id).ok_or("reply for an unknown request")?;
+                match outcome {
+                    PushOutcome::Accepted(_) => out.accepted += 1,
+                    PushOutcome::Rejected(code, reason) => {
+                        out.rejected += 1;
+                        if out.rejected == 1 {
+                            eprintln!("ringpush bench: push rejected: {code}: {reason}");
+                        }
+                    }
+                    PushOutcome::Busy(ms) => {
+                        out.busy_retries += 1;
+                        retry.push(target);
+                        glommio::timer::sleep(Duration::from_millis(ms as u64)).await;
+                    }
+                }
+            }
+            other => return Err(format!("unexpected reply {other:?}")),
+        }
+    }
+    out.elapsed = start.elapsed();
+    Ok(out)
+}
+
+/// Runs `ringpush bench`; prints a table or JSON.
+pub fn run(args: BenchArgs) -> Result<(), String> {
+    crate::server::raise_nofile();
+    let spawned = match args.server {
+        Some(_) => None,
+        None => Some(Spawned::start(args.shards, &args.set)?),
+    };
+    let (device_addr, app_addr, server_pid) = match (&spawned, args.server, args.app_server) {
+        (Some(s), _, _) => (s.device, s.app, Some(s.child.id())),
+        (None, Some(d), Some(a)) => (d, a, None),
+        _ => return Err("--server needs --app-server too".into()),
+    };
+    let usage = || server_pid.and_then(proc_usage);
+    let (_, rss_before) = usage().unwrap_or((0.0, 0));
+    let kernel_before = kernel_socket_bytes();
+
+    let connect_start = Instant::now();
+    let mut workers = spawn_workers(&args, device_addr)?;
+    let mut connected = 0u64;
+    for w in workers.iter_mut() {
+        let line = read_line(w)?;
+        let n: u64 =
+            line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).ok_or(format!("bad worker line {line:?}"))?;
+        connected += n;
+    }
+    let connect_secs = connect_start.elapsed().as_secs_f64();
+    if connected < args.devices as u64 {
+        return Err(format!("only {connected} of {} devices connected", args.devices));
+    }
+
+    let (cpu0, _) = usage().unwrap_or((0.0, 0));
+    let t0 = Instant::now();
+    let mut push = PushSide::default();
+    let mut idle = json!({});
+    match args.scenario {
+        Scenario::Idle => {
+            std::thread::sleep(args.hold);
+            let (_, rss) = usage().unwrap_or((0.0, 0));
+            let kernel = kernel_socket_bytes();
+            idle = json!({
+                "connect_per_sec": connected as f64 / connect_secs,
+                "rss_per_device_bytes": rss.saturating_sub(rss_before) / connected.max(1),
+                // Both ends of each loopback connection live in this kernel.
+                "kernel_bytes_per_socket": kernel.saturating_sub(kernel_before) / (2 * connected.max(1)),
+            });
+        }
+        Scenario::Unicast | Scenario::Broadcast => {
+            let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                .make()
+                .map_err(|e| format!("cannot start the executor: {e}"))?;
+            let a = args.clone();
+            push = ex.run(async move { push_load(&a, app_addr).await })?;
+        }
+    }
+    let (cpu1, rss_after) = usage().unwrap_or((0.0, 0));
+
+    // Stop the workers and merge what they saw.
+    let mut hist = new_hist();
+    let (mut delivered, mut duplicates) = (0u64, 0u64);
+    let mut last_us = 0u64;
+    for w in workers.iter_mut() {
+        let _ = w.stdin.write_all(b"stop\n");
+        let _ = w.stdin.flush();
+    }
+    for w in workers.iter_mut() {
+        let line = read_line(w)?;
+        let v: Value = serde_json::from_str(&line).map_err(|e| format!("bad worker report: {e}"))?;
+        delivered += v["received"].as_u64().unwrap_or(0);
+        duplicates += v["duplicates"].as_u64().unwrap_or(0);
+        last_us = last_us.max(v["last_us"].as_u64().unwrap_or(0));
+        let bytes = hex::decode(v["hist"].as_str().unwrap_or("")).map_err(|e| e.to_string())?;
+        let h: Histogram<u64> = Deserializer::new().deserialize(&mut &bytes[..]).map_err(|e| format!("{e:?}"))?;
+        hist.add(&h).map_err(|e| format!("{e:?}"))?;
+        let _ = w.child.wait();
+    }
+    let expected = match args.scenario {
+        Scenario::Unicast => push.accepted,
+        Scenario::Broadcast => push.accepted * connected,
+        Scenario::Idle => 0,
+    };
+    let start_us = unix_us() - t0.elapsed().as_micros() as u64;
+    let window = (last_us.saturating_sub(start_us) as f64 / 1e6).max(push.elapsed.as_secs_f64()).max(1e-6);
+    let phase = t0.elapsed().as_secs_f64().max(1e-6);
+    let q = |p: f64| if hist.is_empty() { 0 } else { hist.value_at_quantile(p) };
+    let mut result = json!({
+        "scenario": format!("{:?}", args.scenario).to_lowercase(),
+        "system": "ringpush",
+        "devices": connected,
+        "payload_bytes": args.payload.max(8),
+        "sent": push.accepted,
+        "rejected": push.rejected,
+        "busy_retries": push.busy_retries,
+        "delivered": delivered,
+        "lost": expected.saturating_sub(delivered),
+        "duplicates": duplicates,
+        "delivered_per_sec": if args.scenario == Scenario::Idle { 0.0 } else { delivered as f64 / window },
+        "latency_us": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": hist.max()},
+        "server_rss_bytes": rss_after,
+        "server_cpu_percent": 100.0 * (cpu1 - cpu0) / phase,
+        "connect_per_sec": connected as f64 / connect_secs,
+        "set": args.set,
+    });
+    if let (Some(r), Value::Object(extra)) = (result.as_object_mut(), idle) {
+        r.extend(extra);
+    }
+    if args.json {
+        println!("{result}");
+    } else {
+        print_table(&result);
+    }
+    drop(spawned);
+    Ok(())
+}
+
+fn print_table(r: &Value) {
+    let l = &r["latency_us"];
+    println!("scenario {}  devices {}  payload {} B  {}", r["scenario"], r["devices"], r["payload_bytes"], r["set"]);
+    println!(
+        "{:<10} {:>10} {:>10} {:>6} {:>6} {:>14} {:>8} {:>8} {:>8} {:>9} {:>12} {:>8}",
+        "system",
+        "sent",
+        "delivered",
+        "lost",
+        "dups",
+        "delivered/s",
+        "p50 µs",
+        "p99 µs",
+        "max µs",
+        "rss MB",
+        "connect/s",
+        "cpu %"
+    );
+    println!(
+        "{:<10} {:>10} {:>10} {:>6} {:>6} {:>14.0} {:>8} {:>8} {:>8} {:>9.1} {:>12.0} {:>8.0}",
+        r["system"].as_str().unwrap_or(""),
+        r["sent"].as_u64().unwrap_or(0),
+        r["delivered"].as_u64().unwrap_or(0),
+        r["lost"].as_u64().unwrap_or(0),
+        r["duplicates"].as_u64().unwrap_or(0),
+        r["delivered_per_sec"].as_f64().unwrap_or(0.0),
+        l["p50"].as_u64().unwrap_or(0),
+        l["p99"].as_u64().unwrap_or(0),
+        l["max"].as_u64().unwrap_or(0),
+        r["server_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        r["connect_per_sec"].as_f64().unwrap_or(0.0),
+        r["server_cpu_percent"].as_f64().unwrap_or(0.0),
+    );
+    if r.get("rss_per_device_bytes").is_some() {
+        println!(
+            "idle: {} B server RSS per device, {} B kernel per socket",
+            r["rss_per_device_bytes"], r["kernel_bytes_per_socket"]
+        );
+    }
+}
+
+/// Arguments of the hidden worker subcommand.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub server: SocketAddr,
+    #[arg(long)]
+    pub secret: String,
+    #[arg(long)]
+    pub from: usize,
+    #[arg(long)]
+    pub count: usize,
+    /// Connections opened at once.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+}
+
+#[derive(Default)]
+struct WorkerStats {
+    received: u64,
+    duplicates: u64,
+    failed: u64,
+    connected: u64,
+    last_us: u64,
+}
+
+/// Runs one load-generator process: connect devices, report, receive until told to
+/// stop, then report counts and the latency histogram as one JSON line.
+pub fn worker(args: WorkerArgs) -> Result<(), String> {
+    crate::server::raise_nofile();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        s.store(true, Ordering::Relaxed);
+    });
+    let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .make()
+        .map_err(|e| format!("cannot start the executor: {e}"))?;
+    ex.run(async move {
+        let stats = Rc::new(RefCell::new(WorkerStats::default()));
+        let hist = Rc::new(RefCell::new(new_hist()));
+        let expiry = unix_ms() / 1000 + 86_400;
+        let permits = Rc::new(RefCell::new(args.concurrency.max(1)));
+        for i in args.from..args.from + args.count {
+            while *permits.borrow() == 0 {
+                glommio::timer::sleep(Duration::from_micros(200)).await;
+            }
+            *permits.borrow_mut() -= 1;
+            let (stats, hist, permits) = (Rc::clone(&stats), Rc::clone(&hist), Rc::clone(&permits));
+            let (server, secret) = (args.server, args.secret.clone());
+            glommio::spawn_local(async move {
+                let id = format!("d{i}");
+                let token = DeviceToken::mint(secret.as_bytes(), APP, &id, expiry);
+                let mut dev = None;
+                for attempt in 0..5u64 {
+                    match DeviceClient::connect(server, APP, &id, token, 0).await {
+                        Ok(d) => {
+                            dev = Some(d);
+                            break;
+                        }
+                        Err(_) => glommio::timer::sleep(Duration::from_millis(50 << attempt)).await,
+                    }
+                }
+                *permits.borrow_mut() += 1;
+                let Some(mut dev) = dev else {
+                    stats.borrow_mut().failed += 1;
+                    return;
+                };
+                stats.borrow_mut().connected += 1;
+                let mut last = 0u64;
+                while let Ok(ev) = dev.next_event().await {
+                    let DeviceEvent::Message(m) = ev else {
+                        if matches!(ev, DeviceEvent::Bye(..)) {
+                            break;
+                        }
+                        continue;
+                    };
+                    let now = unix_us();
+                    let sent = m.payload.get(..8).map_or(now, |b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+                    hist.borrow_mut().saturating_record(now.saturating_sub(sent).max(1));
+                    {
+                        let mut st = stats.borrow_mut();
+                        if m.seq <= last {
+                            st.duplicates += 1;
+                        } else {
+                            st.received += 1;
+                            last = m.seq;
+                        }
+                        st.last_us = now;
+                    }
+                    // Coalesced acks: one per burst of buffered messages.
+                    if !dev.has_buffered_frame() && dev.ack(last).await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .detach();
+        }
+        while {
+            let st = stats.borrow();
+            st.connected + st.failed < args.count as u64
+        } {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        println!("ready {}", stats.borrow().connected);
+        let _ = std::io::stdout().flush();
+        while !stop.load(Ordering::Relaxed) {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        // Drain: wait until nothing has arrived for 500 ms (30 s at most).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline && unix_us().saturating_sub(stats.borrow().last_us) < 500_000 {
+            glommio::timer::sleep(Duration::from_millis(50)).await;
+        }
+        let mut bytes = Vec::new();
+        V2Serializer::new().serialize(&hist.borrow(), &mut bytes).expect("serializing to memory works");
+        let st = stats.borrow();
+        let report = json!({
+            "received": st.received, "duplicates": st.duplicates, "failed": st.failed,
+            "last_us": st.last_us, "hist": hex::encode(bytes),
+        });
+        println!("{report}");
+        let _ = std::io::stdout().flush();
+    });
+    // The device tasks are still parked on their sockets: leave without waiting.
+    std::process::exit(0)
+}

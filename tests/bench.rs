@@ -1,0 +1,53 @@
+//! Black-box test of the load generator: it spawns a box, spreads devices over several
+//! worker processes, and reports every accepted push as delivered exactly once.
+
+use serde_json::Value;
+use std::process::Command;
+
+fn bench(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringpush"))
+        .arg("bench")
+        .args(args)
+        .args(["--json", "--shards", "2"])
+        .output()
+        .expect("run ringpush bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+#[test]
+fn unicast_over_three_worker_processes_loses_nothing() {
+    let r = bench(&["unicast", "--devices", "300", "--per-process", "100", "--messages", "3000"]);
+    for key in [
+        "scenario",
+        "system",
+        "devices",
+        "sent",
+        "delivered",
+        "lost",
+        "duplicates",
+        "delivered_per_sec",
+        "server_rss_bytes",
+    ] {
+        assert!(r.get(key).is_some(), "missing {key} in {r}");
+    }
+    for key in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(r["latency_us"][key].is_u64(), "missing latency_us.{key} in {r}");
+    }
+    assert_eq!(r["devices"], 300);
+    assert_eq!(r["sent"], 3000);
+    assert_eq!(r["delivered"], 3000);
+    assert_eq!(r["lost"], 0);
+    assert_eq!(r["duplicates"], 0);
+    assert!(r["latency_us"]["max"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn broadcast_reaches_every_device_and_idle_reports_memory() {
+    let r = bench(&["broadcast", "--devices", "200", "--messages", "5"]);
+    assert_eq!((r["sent"].as_u64(), r["delivered"].as_u64(), r["lost"].as_u64()), (Some(5), Some(1000), Some(0)));
+    let r = bench(&["idle", "--devices", "200", "--hold", "200ms"]);
+    assert!(r["rss_per_device_bytes"].is_u64() && r["kernel_bytes_per_socket"].is_u64(), "{r}");
+    assert_eq!(r["devices"], 200);
+}
