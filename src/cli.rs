@@ -32,11 +32,30 @@ pub enum Command {
     Push(PushArgs),
     /// Show a running box's sessions, push rates and latencies (from its HTTP port).
     Stats(StatsArgs),
+    /// Check this machine: sysctls, limits, io_uring, kernel, CPUs, data disk, clock.
+    Doctor(DoctorArgs),
     /// Load-test a box: unicast, broadcast or idle connections, end to end.
     Bench(crate::bench::BenchArgs),
     /// One load-generator process of `ringpush bench` (started by it).
     #[command(hide = true)]
     BenchWorker(crate::bench::WorkerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// The box's config file (for data_dir and shards).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Read /proc, /sys and /etc below this directory instead of /.
+    #[arg(long, default_value = "/")]
+    pub root: PathBuf,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -141,6 +160,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Push(a) => on_executor(push(a)),
         Command::Stats(a) => crate::stats_cli::run(&a.server, a.once, a.interval),
         Command::Bench(a) => crate::bench::run(a),
+        Command::Doctor(a) => doctor(a),
         Command::BenchWorker(a) => crate::bench::worker(a),
     };
     match result {
@@ -211,6 +231,28 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     })?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+fn doctor(a: DoctorArgs) -> Result<(), String> {
+    use crate::doctor::{run_checks, table, Plan, RealHost, Status};
+    let cfg = match &a.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config::default(),
+    };
+    let plan = Plan { data_dir: a.data_dir.unwrap_or(cfg.data_dir), shards: a.shards.unwrap_or(cfg.shards) };
+    let checks = run_checks(&RealHost { root: a.root }, &plan);
+    let fails = checks.iter().filter(|c| c.status == Status::Fail).count();
+    if a.json {
+        let warns = checks.iter().filter(|c| c.status == Status::Warn).count();
+        println!("{}", serde_json::json!({ "checks": checks, "fail": fails, "warn": warns }));
+    } else {
+        print!("{}", table(&checks));
+    }
+    if fails > 0 {
+        Err(format!("{fails} check(s) failed"))
+    } else {
+        Ok(())
+    }
 }
 
 async fn device(a: DeviceArgs) -> Result<(), String> {

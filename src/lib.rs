@@ -16,6 +16,7 @@
 //!   durations, injected time.
 //! - [`http`]: the HTTP port (/healthz, /readyz).
 //! - [`bench`]: the load generator (`ringpush bench`).
+//! - [`doctor`]: `ringpush doctor`, checks of the box (sysctls, limits, io_uring, disk, clock).
 //! - [`cli`]: the `ringpush` command line.
 //!
 //! The wire protocols live in the `ringpush-protocol` crate (sans-IO).
@@ -26,6 +27,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod devices;
+pub mod doctor;
 pub mod duration;
 pub mod export;
 pub mod http;
