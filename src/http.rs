@@ -14,25 +14,10 @@
 
 use crate::shard::ShardCore;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpStream;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-/// Serves the HTTP listener until the task is cancelled.
-pub async fn serve(core: Rc<ShardCore>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok(stream) => {
-                glommio::spawn_local(handle(Rc::clone(&core), stream)).detach();
-            }
-            Err(e) => {
-                tracing::warn!("http accept failed: {e}");
-                glommio::timer::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
 
 /// What a request asks for.
 #[derive(Debug, PartialEq, Eq)]
@@ -56,7 +41,8 @@ pub fn route(method: &str, path: &str, ready: bool) -> Route {
     }
 }
 
-async fn handle(core: Rc<ShardCore>, mut stream: TcpStream) {
+/// Answers one HTTP request on `stream`, then closes it.
+pub async fn handle(core: Rc<ShardCore>, mut stream: TcpStream) {
     let _ = glommio::timer::timeout(Duration::from_secs(5), async {
         let mut buf = vec![0u8; 8192];
         let mut len = 0;

@@ -11,7 +11,9 @@
 use crate::clock::mono_us;
 use crate::devices::Counts;
 use crate::routing::shard_for;
-use crate::session::{linger_close, read_handshake, reject, server_preamble, HandshakeError, POLL_BUDGET};
+use crate::session::{
+    linger_close, park, read_handshake, reject, server_preamble, yield_now, HandshakeError, POLL_BUDGET,
+};
 use crate::shard::{ConnRef, PushReq, Reply, Request, ShardCore, Targets, SCRATCH};
 use crate::stats::{PushKind, PushResult};
 use futures_lite::io::{AsyncRead, AsyncWrite};
@@ -503,12 +505,8 @@ fn poll_app(core: &Rc<ShardCore>, key: usize, stream: &mut TcpStream, cx: &mut C
             return Poll::Ready(true);
         }
         if !progress {
-            if !c.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                c.waker = Some(cx.waker().clone());
-            }
-            return Poll::Pending;
+            return park(&mut c.waker, cx);
         }
     }
-    cx.waker().wake_by_ref();
-    Poll::Pending
+    yield_now(cx)
 }

@@ -10,7 +10,8 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::shard::{Reply, Request, ShardCore, Shared, TICK};
 use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver, SharedSender};
-use glommio::net::TcpListener;
+use glommio::net::{TcpListener, TcpStream};
+use glommio::task::JoinHandle;
 use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Socket, Type};
 use std::net::SocketAddr;
@@ -206,6 +207,29 @@ async fn await_senders<T: Send + 'static>(v: Vec<Connecting<T>>) -> Vec<Option<R
     out
 }
 
+/// Accepts on `listener` until cancelled, serving each connection in its own task.
+fn accept_loop<F, Fut>(core: Rc<ShardCore>, listener: TcpListener, what: &'static str, serve: F) -> JoinHandle<()>
+where
+    F: Fn(Rc<ShardCore>, TcpStream) -> Fut + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    glommio::spawn_local(async move {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    glommio::spawn_local(serve(Rc::clone(&core), stream)).detach();
+                }
+                Err(e) => {
+                    tracing::warn!(shard = core.id, "{what} accept failed: {e}");
+                    glommio::timer::sleep(TICK).await;
+                }
+            }
+        }
+    })
+    .detach()
+}
+
 async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<usize>) {
     let id = boot.id;
     // Connect both ends of every channel concurrently: each connect waits for its peer.
@@ -240,43 +264,12 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
     // SAFETY: the fds are listening sockets created for this shard and owned by it.
     let device_listener = unsafe { TcpListener::from_raw_fd(boot.device_fd.into_raw_fd()) };
     let app_listener = unsafe { TcpListener::from_raw_fd(boot.app_fd.into_raw_fd()) };
-    let c = Rc::clone(&core);
-    let device_accept = glommio::spawn_local(async move {
-        loop {
-            match device_listener.accept().await {
-                Ok(stream) => {
-                    c.state.borrow_mut().stats.device_accepted += 1;
-                    let _ = stream.set_nodelay(true);
-                    glommio::spawn_local(crate::session::handshake(Rc::clone(&c), stream)).detach();
-                }
-                Err(e) => {
-                    tracing::warn!(shard = c.id, "device accept failed: {e}");
-                    glommio::timer::sleep(TICK).await;
-                }
-            }
-        }
-    })
-    .detach();
-    let c = Rc::clone(&core);
-    let app_accept = glommio::spawn_local(async move {
-        loop {
-            match app_listener.accept().await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    glommio::spawn_local(crate::ingress::handshake(Rc::clone(&c), stream)).detach();
-                }
-                Err(e) => {
-                    tracing::warn!(shard = c.id, "app accept failed: {e}");
-                    glommio::timer::sleep(TICK).await;
-                }
-            }
-        }
-    })
-    .detach();
+    let device_accept = accept_loop(Rc::clone(&core), device_listener, "device", crate::session::handshake);
+    let app_accept = accept_loop(Rc::clone(&core), app_listener, "app", crate::ingress::handshake);
     let http = boot.http_fd.map(|fd| {
         // SAFETY: the HTTP listening socket was created for this shard and is owned by it.
         let l = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
-        glommio::spawn_local(crate::http::serve(Rc::clone(&core), l)).detach()
+        accept_loop(Rc::clone(&core), l, "http", crate::http::handle)
     });
     let _ = ready.send(id);
     drop(ready);

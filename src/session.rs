@@ -176,6 +176,7 @@ struct HelloOk {
 /// attaches it here or hands it to its owner shard.
 pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
     let started_us = mono_us();
+    core.state.borrow_mut().stats.device_accepted += 1;
     let shared = Rc::clone(&core);
     let limits = Limits { max_frame: core.cfg().max_device_frame, max_targets: 0 };
     let verify = |bytes: &[u8]| -> Result<Option<(HelloOk, usize)>, HandshakeError> {
@@ -439,13 +440,24 @@ fn poll_session(core: &ShardCore, key: usize, stream: &mut TcpStream, cx: &mut C
             return Poll::Ready(true);
         }
         if !progress {
-            if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                s.waker = Some(cx.waker().clone());
-            }
-            return Poll::Pending;
+            return park(&mut s.waker, cx);
         }
     }
-    // Budget spent with work left: yield so other sessions on this shard get a turn.
+    yield_now(cx)
+}
+
+/// Keeps the task's waker in `slot` (cloned only when it changed) so pushes and
+/// timers can wake the connection, and parks the task.
+pub(crate) fn park<T>(slot: &mut Option<std::task::Waker>, cx: &Context<'_>) -> Poll<T> {
+    if !slot.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+        *slot = Some(cx.waker().clone());
+    }
+    Poll::Pending
+}
+
+/// A connection spent its poll budget with work left: let the shard's other tasks
+/// run, and come back.
+pub(crate) fn yield_now<T>(cx: &Context<'_>) -> Poll<T> {
     cx.waker().wake_by_ref();
     Poll::Pending
 }
