@@ -14,7 +14,9 @@
 //! rate, server RSS and kernel memory per connection).
 
 use crate::client::{unix_ms, AppClient, AppReply, DeviceClient, DeviceEvent, PushOutcome, PushTarget};
+use crate::peers::{self, Peer, System};
 use clap::{Args, ValueEnum};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
 use ringpush_protocol::DeviceToken;
@@ -80,7 +82,11 @@ pub struct BenchArgs {
     /// How long the idle scenario holds the connections.
     #[arg(long, default_value = "3s", value_parser = crate::duration::parse)]
     pub hold: Duration,
-    /// Print one JSON object instead of the table.
+    /// Also run the same scenario against these systems (redis, mosquitto), started on
+    /// loopback by the bench.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub compare: Vec<System>,
+    /// Print one JSON object per system instead of the table.
     #[arg(long)]
     pub json: bool,
 }
@@ -189,7 +195,7 @@ struct Worker {
     stdout: BufReader<ChildStdout>,
 }
 
-fn spawn_workers(args: &BenchArgs, device: SocketAddr) -> Result<Vec<Worker>, String> {
+fn spawn_workers(args: &BenchArgs, system: System, device: SocketAddr) -> Result<Vec<Worker>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let per = args.per_process.max(1);
     let mut workers = Vec::new();
@@ -198,7 +204,7 @@ fn spawn_workers(args: &BenchArgs, device: SocketAddr) -> Result<Vec<Worker>, St
         let count = per.min(args.devices - from);
         let mut child = Command::new(&exe)
             .arg("bench-worker")
-            .args(["--server", &device.to_string(), "--secret", &args.secret])
+            .args(["--server", &device.to_string(), "--secret", &args.secret, "--system", system.name()])
             .args(["--from", &from.to_string(), "--count", &count.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -231,7 +237,107 @@ struct PushSide {
     elapsed: Duration,
 }
 
-async fn push_load(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSide, String> {
+/// Picks the next push target: a random device, or `None` for a broadcast.
+struct Targets {
+    rng: u64,
+    devices: usize,
+    broadcast: bool,
+}
+
+impl Targets {
+    fn next(&mut self) -> Option<usize> {
+        if self.broadcast {
+            return None;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        Some((self.rng % self.devices as u64) as usize)
+    }
+}
+
+/// Sleeps until push number `n` is due at `rate` pushes/s (0: never waits).
+async fn pace(start: Instant, n: u64, rate: u64) {
+    if rate > 0 {
+        let due = Duration::from_secs_f64(n as f64 / rate as f64);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            glommio::timer::sleep(wait).await;
+        }
+    }
+}
+
+async fn push_load(args: &BenchArgs, system: System, addr: SocketAddr) -> Result<PushSide, String> {
+    match system {
+        System::Ringpush => push_ringpush(args, addr).await,
+        System::Redis | System::Mosquitto => push_peer(args, system, addr).await,
+    }
+}
+
+/// Pushes to Redis (pipelined PUBLISH, replies counted to bound what is in flight) or
+/// MQTT (QoS 0 PUBLISH, fire-and-forget).
+async fn push_peer(args: &BenchArgs, system: System, addr: SocketAddr) -> Result<PushSide, String> {
+    let mut stream = glommio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(1 << 20);
+    let mut inbuf = vec![0u8; 1 << 16];
+    let mut pending = Vec::new();
+    if system == System::Mosquitto {
+        peers::mqtt_connect(&mut out, &format!("bench-app-{}", std::process::id()), 600);
+        stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        out.clear();
+    }
+    let mut targets = Targets {
+        rng: rand::random::<u64>() | 1,
+        devices: args.devices,
+        broadcast: args.scenario == Scenario::Broadcast,
+    };
+    let mut payload = vec![0x2au8; args.payload.max(8)];
+    let (mut sent, mut answered) = (0u64, 0u64);
+    let start = Instant::now();
+    while sent < args.messages {
+        pace(start, sent, args.rate).await;
+        let batch = (args.messages - sent).min(256);
+        for _ in 0..batch {
+            let channel = match targets.next() {
+                Some(i) => format!("d{i}"),
+                None => peers::ALL.to_string(),
+            };
+            payload[..8].copy_from_slice(&unix_us().to_be_bytes());
+            match system {
+                System::Redis => peers::resp_publish(&mut out, &channel, &payload),
+                _ => peers::mqtt_publish(&mut out, &channel, &payload),
+            }
+        }
+        sent += batch;
+        stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        out.clear();
+        // Redis answers every PUBLISH: keep at most --inflight unanswered, and read
+        // every answer before closing (unread bytes make close() a reset, and the
+        // server would drop what it had not read yet).
+        let limit = if sent == args.messages { 0 } else { args.inflight as u64 };
+        while system == System::Redis && sent - answered > limit {
+            let n = stream.read(&mut inbuf).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("redis closed the connection".into());
+            }
+            pending.extend_from_slice(&inbuf[..n]);
+            let mut pos = 0;
+            while let Some((used, _)) = peers::resp_next(&pending[pos..])? {
+                pos += used;
+                answered += 1;
+            }
+            pending.drain(..pos);
+        }
+    }
+    if system == System::Mosquitto {
+        // DISCONNECT, then wait for the broker to close: everything sent was read.
+        stream.write_all(&[0xe0, 0x00]).await.map_err(|e| e.to_string())?;
+        while stream.read(&mut inbuf).await.map_err(|e| e.to_string())? > 0 {}
+    }
+    Ok(PushSide { accepted: sent, elapsed: start.elapsed(), ..PushSide::default() })
+}
+
+async fn push_ringpush(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSide, String> {
     let mut app = AppClient::connect(app_addr, APP, args.secret.as_bytes()).await.map_err(|e| e.to_string())?;
     let names: Vec<String> = (0..args.devices).map(|i| format!("d{i}")).collect();
     let mut payload = vec![0x2au8; args.payload.max(8)];
@@ -239,7 +345,11 @@ async fn push_load(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSide, S
     let mut inflight: HashMap<u64, Option<usize>> = HashMap::new();
     let mut retry: Vec<Option<usize>> = Vec::new();
     let mut queued = 0u64;
-    let mut rng = rand::random::<u64>() | 1;
+    let mut targets = Targets {
+        rng: rand::random::<u64>() | 1,
+        devices: args.devices,
+        broadcast: args.scenario == Scenario::Broadcast,
+    };
     let start = Instant::now();
     while out.accepted + out.rejected < args.messages {
         while inflight.len() < args.inflight && (queued < args.messages || !retry.is_empty()) {
@@ -253,15 +363,7 @@ async fn push_load(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSide, S
                 t
             } else {
                 queued += 1;
-                match args.scenario {
-                    Scenario::Broadcast => None,
-                    _ => {
-                        rng ^= rng << 13;
-                        rng ^= rng >> 7;
-                        rng ^= rng << 17;
-                        Some((rng % names.len() as u64) as usize)
-                    }
-                }
+                targets.next()
             };
             payload[..8].copy_from_slice(&unix_us().to_be_bytes());
             let t = match target {
@@ -301,24 +403,50 @@ async fn push_load(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSide, S
     Ok(out)
 }
 
-/// Runs `ringpush bench`; prints a table or JSON.
+/// Runs `ringpush bench`: ringpush, then every `--compare` system; prints one table
+/// row (or JSON object) per system.
 pub fn run(args: BenchArgs) -> Result<(), String> {
     crate::server::raise_nofile();
-    let spawned = match args.server {
-        Some(_) => None,
-        None => Some(Spawned::start(args.shards, &args.set)?),
+    let mut systems = vec![System::Ringpush];
+    systems.extend(args.compare.iter().copied().filter(|s| *s != System::Ringpush));
+    let mut results = Vec::new();
+    for system in systems {
+        let r = run_one(&args, system)?;
+        if args.json {
+            println!("{r}");
+        }
+        results.push(r);
+    }
+    if !args.json {
+        print_table(&results);
+    }
+    Ok(())
+}
+
+/// What a run targets: a ringpush box (spawned or running) or a peer server.
+enum Under {
+    Ringpush(Option<Spawned>),
+    Peer(Peer),
+}
+
+fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
+    let under = match (system, args.server) {
+        (System::Ringpush, Some(_)) => Under::Ringpush(None),
+        (System::Ringpush, None) => Under::Ringpush(Some(Spawned::start(args.shards, &args.set)?)),
+        (peer, _) => Under::Peer(Peer::start(peer, args.devices)?),
     };
-    let (device_addr, app_addr, server_pid) = match (&spawned, args.server, args.app_server) {
-        (Some(s), _, _) => (s.device, s.app, Some(s.child.id())),
-        (None, Some(d), Some(a)) => (d, a, None),
-        _ => return Err("--server needs --app-server too".into()),
+    let (device_addr, app_addr, server_pid) = match (&under, args.server, args.app_server) {
+        (Under::Ringpush(Some(s)), _, _) => (s.device, s.app, Some(s.child.id())),
+        (Under::Ringpush(None), Some(d), Some(a)) => (d, a, None),
+        (Under::Ringpush(None), _, _) => return Err("--server needs --app-server too".into()),
+        (Under::Peer(p), _, _) => (p.addr, p.addr, Some(p.child.id())),
     };
     let usage = || server_pid.and_then(proc_usage);
     let (_, rss_before) = usage().unwrap_or((0.0, 0));
     let kernel_before = kernel_socket_bytes();
 
     let connect_start = Instant::now();
-    let mut workers = spawn_workers(&args, device_addr)?;
+    let mut workers = spawn_workers(args, system, device_addr)?;
     let mut connected = 0u64;
     for w in workers.iter_mut() {
         let line = read_line(w)?;
@@ -352,7 +480,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                 .make()
                 .map_err(|e| format!("cannot start the executor: {e}"))?;
             let a = args.clone();
-            push = ex.run(async move { push_load(&a, app_addr).await })?;
+            push = ex.run(async move { push_load(&a, system, app_addr).await })?;
         }
     }
     let (cpu1, rss_after) = usage().unwrap_or((0.0, 0));
@@ -387,7 +515,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let q = |p: f64| if hist.is_empty() { 0 } else { hist.value_at_quantile(p) };
     let mut result = json!({
         "scenario": format!("{:?}", args.scenario).to_lowercase(),
-        "system": "ringpush",
+        "system": system.name(),
         "devices": connected,
         "payload_bytes": args.payload.max(8),
         "sent": push.accepted,
@@ -406,18 +534,16 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     if let (Some(r), Value::Object(extra)) = (result.as_object_mut(), idle) {
         r.extend(extra);
     }
-    if args.json {
-        println!("{result}");
-    } else {
-        print_table(&result);
-    }
-    drop(spawned);
-    Ok(())
+    drop(under);
+    Ok(result)
 }
 
-fn print_table(r: &Value) {
-    let l = &r["latency_us"];
-    println!("scenario {}  devices {}  payload {} B  {}", r["scenario"], r["devices"], r["payload_bytes"], r["set"]);
+fn print_table(results: &[Value]) {
+    let Some(first) = results.first() else { return };
+    println!(
+        "scenario {}  devices {}  payload {} B  {}",
+        first["scenario"], first["devices"], first["payload_bytes"], first["set"]
+    );
     println!(
         "{:<10} {:>10} {:>10} {:>6} {:>6} {:>14} {:>8} {:>8} {:>8} {:>9} {:>12} {:>8}",
         "system",
@@ -433,6 +559,13 @@ fn print_table(r: &Value) {
         "connect/s",
         "cpu %"
     );
+    for r in results {
+        print_row(r);
+    }
+}
+
+fn print_row(r: &Value) {
+    let l = &r["latency_us"];
     println!(
         "{:<10} {:>10} {:>10} {:>6} {:>6} {:>14.0} {:>8} {:>8} {:>8} {:>9.1} {:>12.0} {:>8.0}",
         r["system"].as_str().unwrap_or(""),
@@ -450,8 +583,8 @@ fn print_table(r: &Value) {
     );
     if r.get("rss_per_device_bytes").is_some() {
         println!(
-            "idle: {} B server RSS per device, {} B kernel per socket",
-            r["rss_per_device_bytes"], r["kernel_bytes_per_socket"]
+            "{:<10} idle: {} B server RSS per device, {} B kernel per socket",
+            "", r["rss_per_device_bytes"], r["kernel_bytes_per_socket"]
         );
     }
 }
@@ -470,6 +603,9 @@ pub struct WorkerArgs {
     /// Connections opened at once.
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
+    /// What the devices connect to.
+    #[arg(long, value_enum, default_value = "ringpush")]
+    pub system: System,
 }
 
 #[derive(Default)]
@@ -479,6 +615,173 @@ struct WorkerStats {
     failed: u64,
     connected: u64,
     last_us: u64,
+}
+
+/// Where a worker's devices record what they receive.
+struct Received {
+    stats: Rc<RefCell<WorkerStats>>,
+    hist: Rc<RefCell<Histogram<u64>>>,
+}
+
+impl Received {
+    /// Records one message: its end-to-end latency from the send time in its first 8
+    /// bytes, and whether it was a duplicate.
+    fn record(&self, payload: &[u8], duplicate: bool) {
+        let now = unix_us();
+        let sent = payload.get(..8).map_or(now, |b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+        self.hist.borrow_mut().saturating_record(now.saturating_sub(sent).max(1));
+        let mut st = self.stats.borrow_mut();
+        if duplicate {
+            st.duplicates += 1;
+        } else {
+            st.received += 1;
+        }
+        st.last_us = now;
+    }
+
+    fn connected(&self, permits: &RefCell<usize>) {
+        *permits.borrow_mut() += 1;
+        self.stats.borrow_mut().connected += 1;
+    }
+}
+
+/// One ringpush device: connect (with retries), then receive and ack until closed.
+async fn ringpush_device(
+    server: SocketAddr,
+    secret: &str,
+    i: usize,
+    expiry: u64,
+    rx: &Received,
+    permits: &RefCell<usize>,
+) -> Result<(), String> {
+    let id = format!("d{i}");
+    let token = DeviceToken::mint(secret.as_bytes(), APP, &id, expiry);
+    let mut attempt = 0;
+    let mut dev = loop {
+        match DeviceClient::connect(server, APP, &id, token, 0).await {
+            Ok(d) => break d,
+            Err(e) if attempt == 4 => {
+                *permits.borrow_mut() += 1;
+                return Err(e.to_string());
+            }
+            Err(_) => glommio::timer::sleep(Duration::from_millis(50 << attempt)).await,
+        }
+        attempt += 1;
+    };
+    rx.connected(permits);
+    let mut last = 0u64;
+    while let Ok(ev) = dev.next_event().await {
+        match ev {
+            DeviceEvent::Message(m) => {
+                rx.record(&m.payload, m.seq <= last);
+                last = last.max(m.seq);
+                // Coalesced acks: one per burst of buffered messages.
+                if !dev.has_buffered_frame() && dev.ack(last).await.is_err() {
+                    break;
+                }
+            }
+            DeviceEvent::Bye(..) => break,
+            DeviceEvent::Pong(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// One Redis or MQTT subscriber: its own channel/topic and `all`, receive until closed.
+async fn peer_device(
+    system: System,
+    server: SocketAddr,
+    i: usize,
+    rx: &Received,
+    permits: &RefCell<usize>,
+) -> Result<(), String> {
+    let id = format!("d{i}");
+    let mut attempt = 0;
+    let mut stream = loop {
+        match glommio::net::TcpStream::connect(server).await {
+            Ok(s) => break s,
+            Err(e) if attempt == 4 => {
+                *permits.borrow_mut() += 1;
+                return Err(e.to_string());
+            }
+            Err(_) => glommio::timer::sleep(Duration::from_millis(50 << attempt)).await,
+        }
+        attempt += 1;
+    };
+    let mut out = Vec::new();
+    match system {
+        System::Redis => peers::resp_subscribe(&mut out, &[&id, peers::ALL]),
+        _ => {
+            peers::mqtt_connect(&mut out, &id, 600);
+            peers::mqtt_subscribe(&mut out, 1, &[&id, peers::ALL]);
+        }
+    }
+    // Subscribed once the server confirmed both subscriptions (Redis) or the
+    // connection and the subscription (MQTT): pushes before that would be lost.
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let subscribed = async {
+        stream.write_all(&out).await.map_err(|e| e.to_string())?;
+        let mut confirmations = 0;
+        while confirmations < 2 {
+            read_packets(system, &mut stream, &mut buf, &mut |p| match p {
+                None => confirmations += 1,
+                Some(p) => rx.record(p, false),
+            })
+            .await?;
+        }
+        Ok::<(), String>(())
+    }
+    .await;
+    if let Err(e) = subscribed {
+        *permits.borrow_mut() += 1;
+        return Err(e);
+    }
+    rx.connected(permits);
+    // From here on, errors end this device's run; they are not connect failures.
+    loop {
+        match read_packets(system, &mut stream, &mut buf, &mut |p| {
+            if let Some(p) = p {
+                rx.record(p, false)
+            }
+        })
+        .await
+        {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(e) => {
+                eprintln!("ringpush bench-worker: device {id}: {e}");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Reads once from a peer connection and hands every whole packet to `each`
+/// (`Some(payload)` for a message, `None` for anything else). `Ok(false)` on EOF.
+async fn read_packets(
+    system: System,
+    stream: &mut glommio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    each: &mut dyn FnMut(Option<&[u8]>),
+) -> Result<bool, String> {
+    let mut chunk = [0u8; 16 * 1024];
+    let n = stream.read(&mut chunk).await.map_err(|e| e.to_string())?;
+    if n == 0 {
+        return Ok(false);
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    let mut pos = 0;
+    loop {
+        let next = match system {
+            System::Redis => peers::resp_next(&buf[pos..])?,
+            _ => peers::mqtt_next(&buf[pos..])?,
+        };
+        let Some((used, payload)) = next else { break };
+        each(payload);
+        pos += used;
+    }
+    buf.drain(..pos);
+    Ok(true)
 }
 
 /// Runs one load-generator process: connect devices, report, receive until told to
@@ -506,51 +809,18 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
             }
             *permits.borrow_mut() -= 1;
             let (stats, hist, permits) = (Rc::clone(&stats), Rc::clone(&hist), Rc::clone(&permits));
-            let (server, secret) = (args.server, args.secret.clone());
+            let (server, secret, system) = (args.server, args.secret.clone(), args.system);
             glommio::spawn_local(async move {
-                let id = format!("d{i}");
-                let token = DeviceToken::mint(secret.as_bytes(), APP, &id, expiry);
-                let mut dev = None;
-                for attempt in 0..5u64 {
-                    match DeviceClient::connect(server, APP, &id, token, 0).await {
-                        Ok(d) => {
-                            dev = Some(d);
-                            break;
-                        }
-                        Err(_) => glommio::timer::sleep(Duration::from_millis(50 << attempt)).await,
-                    }
-                }
-                *permits.borrow_mut() += 1;
-                let Some(mut dev) = dev else {
-                    stats.borrow_mut().failed += 1;
-                    return;
+                let received = Received { stats: Rc::clone(&stats), hist };
+                let connected = match system {
+                    System::Ringpush => ringpush_device(server, &secret, i, expiry, &received, &permits).await,
+                    peer => peer_device(peer, server, i, &received, &permits).await,
                 };
-                stats.borrow_mut().connected += 1;
-                let mut last = 0u64;
-                while let Ok(ev) = dev.next_event().await {
-                    let DeviceEvent::Message(m) = ev else {
-                        if matches!(ev, DeviceEvent::Bye(..)) {
-                            break;
-                        }
-                        continue;
-                    };
-                    let now = unix_us();
-                    let sent = m.payload.get(..8).map_or(now, |b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
-                    hist.borrow_mut().saturating_record(now.saturating_sub(sent).max(1));
-                    {
-                        let mut st = stats.borrow_mut();
-                        if m.seq <= last {
-                            st.duplicates += 1;
-                        } else {
-                            st.received += 1;
-                            last = m.seq;
-                        }
-                        st.last_us = now;
+                if let Err(e) = connected {
+                    if stats.borrow().failed == 0 {
+                        eprintln!("ringpush bench-worker: device d{i}: {e}");
                     }
-                    // Coalesced acks: one per burst of buffered messages.
-                    if !dev.has_buffered_frame() && dev.ack(last).await.is_err() {
-                        break;
-                    }
+                    stats.borrow_mut().failed += 1;
                 }
             })
             .detach();

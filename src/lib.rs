@@ -32,6 +32,7 @@ pub mod duration;
 pub mod export;
 pub mod http;
 pub mod ingress;
+pub mod peers;
 pub mod routing;
 pub mod server;
 pub mod session;

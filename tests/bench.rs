@@ -51,3 +51,25 @@ fn broadcast_reaches_every_device_and_idle_reports_memory() {
     assert!(r["rss_per_device_bytes"].is_u64() && r["kernel_bytes_per_socket"].is_u64(), "{r}");
     assert_eq!(r["devices"], 200);
 }
+
+#[test]
+fn peers_run_through_the_same_path_and_lose_nothing() {
+    // Needs redis-server and mosquitto (Debian packages; .ci/run installs them).
+    let out = Command::new(env!("CARGO_BIN_EXE_ringpush"))
+        .args(["bench", "unicast", "--devices", "200", "--messages", "2000", "--shards", "2"])
+        .args(["--compare", "redis,mosquitto", "--json"])
+        .output()
+        .expect("run ringpush bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let systems: Vec<&str> = rows.iter().map(|r| r["system"].as_str().unwrap()).collect();
+    assert_eq!(systems, ["ringpush", "redis", "mosquitto"]);
+    for r in &rows {
+        assert_eq!(
+            (r["sent"].as_u64(), r["delivered"].as_u64(), r["lost"].as_u64()),
+            (Some(2000), Some(2000), Some(0)),
+            "{r}"
+        );
+    }
+}
