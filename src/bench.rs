@@ -15,6 +15,7 @@
 
 use crate::client::{unix_ms, AppClient, AppReply, DeviceClient, DeviceEvent, PushOutcome, PushTarget};
 use crate::peers::{self, Peer, System};
+use crate::raw::RawServer;
 use clap::{Args, ValueEnum};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
@@ -205,6 +206,7 @@ fn spawn_workers(args: &BenchArgs, system: System, device: SocketAddr) -> Result
         let mut child = Command::new(&exe)
             .arg("bench-worker")
             .args(["--server", &device.to_string(), "--secret", &args.secret, "--system", system.name()])
+            .args(["--payload", &args.payload.max(8).to_string()])
             .args(["--from", &from.to_string(), "--count", &count.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -270,6 +272,7 @@ async fn push_load(args: &BenchArgs, system: System, addr: SocketAddr) -> Result
     match system {
         System::Ringpush => push_ringpush(args, addr).await,
         System::Redis | System::Mosquitto => push_peer(args, system, addr).await,
+        System::Raw => Err("the raw limit pushes from RawServer::send".into()),
     }
 }
 
@@ -411,13 +414,21 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     systems.extend(args.compare.iter().copied().filter(|s| *s != System::Ringpush));
     let mut results = Vec::new();
     for system in systems {
-        let r = run_one(&args, system)?;
-        if args.json {
+        results.push(run_one(&args, system)?);
+    }
+    // Every system's rate as a share of the physical limit, when it was measured.
+    let raw = results.iter().find(|r| r["system"] == "raw").and_then(|r| r["delivered_per_sec"].as_f64());
+    if let Some(raw) = raw.filter(|v| *v > 0.0) {
+        for r in results.iter_mut() {
+            let ratio = r["delivered_per_sec"].as_f64().unwrap_or(0.0) / raw;
+            r["ratio_to_raw"] = json!((ratio * 1000.0).round() / 1000.0);
+        }
+    }
+    if args.json {
+        for r in &results {
             println!("{r}");
         }
-        results.push(r);
-    }
-    if !args.json {
+    } else {
         print_table(&results);
     }
     Ok(())
@@ -427,12 +438,14 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
 enum Under {
     Ringpush(Option<Spawned>),
     Peer(Peer),
+    Raw(RawServer),
 }
 
 fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
-    let under = match (system, args.server) {
+    let mut under = match (system, args.server) {
         (System::Ringpush, Some(_)) => Under::Ringpush(None),
         (System::Ringpush, None) => Under::Ringpush(Some(Spawned::start(args.shards, &args.set)?)),
+        (System::Raw, _) => Under::Raw(RawServer::start()?),
         (peer, _) => Under::Peer(Peer::start(peer, args.devices)?),
     };
     let (device_addr, app_addr, server_pid) = match (&under, args.server, args.app_server) {
@@ -440,6 +453,7 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
         (Under::Ringpush(None), Some(d), Some(a)) => (d, a, None),
         (Under::Ringpush(None), _, _) => return Err("--server needs --app-server too".into()),
         (Under::Peer(p), _, _) => (p.addr, p.addr, Some(p.child.id())),
+        (Under::Raw(r), _, _) => (r.addr, r.addr, Some(std::process::id())),
     };
     let usage = || server_pid.and_then(proc_usage);
     let (_, rss_before) = usage().unwrap_or((0.0, 0));
@@ -474,6 +488,18 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
                 // Both ends of each loopback connection live in this kernel.
                 "kernel_bytes_per_socket": kernel.saturating_sub(kernel_before) / (2 * connected.max(1)),
             });
+        }
+        Scenario::Unicast | Scenario::Broadcast if system == System::Raw => {
+            let Under::Raw(raw) = &mut under else { unreachable!("raw runs on a RawServer") };
+            raw.wait_for(args.devices)?;
+            let mut targets = Targets {
+                rng: rand::random::<u64>() | 1,
+                devices: args.devices,
+                broadcast: args.scenario == Scenario::Broadcast,
+            };
+            let started = Instant::now();
+            raw.send(args.messages, args.payload.max(8), || targets.next(), unix_us)?;
+            push = PushSide { accepted: args.messages, elapsed: started.elapsed(), ..PushSide::default() };
         }
         Scenario::Unicast | Scenario::Broadcast => {
             let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
@@ -545,7 +571,7 @@ fn print_table(results: &[Value]) {
         first["scenario"], first["devices"], first["payload_bytes"], first["set"]
     );
     println!(
-        "{:<10} {:>10} {:>10} {:>6} {:>6} {:>14} {:>8} {:>8} {:>8} {:>9} {:>12} {:>8}",
+        "{:<10} {:>10} {:>10} {:>6} {:>6} {:>14} {:>8} {:>8} {:>8} {:>9} {:>12} {:>8} {:>7}",
         "system",
         "sent",
         "delivered",
@@ -557,7 +583,8 @@ fn print_table(results: &[Value]) {
         "max µs",
         "rss MB",
         "connect/s",
-        "cpu %"
+        "cpu %",
+        "vs raw"
     );
     for r in results {
         print_row(r);
@@ -567,7 +594,7 @@ fn print_table(results: &[Value]) {
 fn print_row(r: &Value) {
     let l = &r["latency_us"];
     println!(
-        "{:<10} {:>10} {:>10} {:>6} {:>6} {:>14.0} {:>8} {:>8} {:>8} {:>9.1} {:>12.0} {:>8.0}",
+        "{:<10} {:>10} {:>10} {:>6} {:>6} {:>14.0} {:>8} {:>8} {:>8} {:>9.1} {:>12.0} {:>8.0} {:>7}",
         r["system"].as_str().unwrap_or(""),
         r["sent"].as_u64().unwrap_or(0),
         r["delivered"].as_u64().unwrap_or(0),
@@ -580,6 +607,7 @@ fn print_row(r: &Value) {
         r["server_rss_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         r["connect_per_sec"].as_f64().unwrap_or(0.0),
         r["server_cpu_percent"].as_f64().unwrap_or(0.0),
+        r["ratio_to_raw"].as_f64().map_or("-".to_string(), |v| format!("{v:.2}")),
     );
     if r.get("rss_per_device_bytes").is_some() {
         println!(
@@ -606,6 +634,9 @@ pub struct WorkerArgs {
     /// What the devices connect to.
     #[arg(long, value_enum, default_value = "ringpush")]
     pub system: System,
+    /// Message size, for the raw limit's fixed-size frames.
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
 }
 
 #[derive(Default)]
@@ -683,6 +714,33 @@ async fn ringpush_device(
             DeviceEvent::Bye(..) => break,
             DeviceEvent::Pong(_) => {}
         }
+    }
+    Ok(())
+}
+
+/// One raw-limit receiver: fixed-size messages, no protocol.
+async fn raw_device(server: SocketAddr, size: usize, rx: &Received, permits: &RefCell<usize>) -> Result<(), String> {
+    let mut stream = match glommio::net::TcpStream::connect(server).await {
+        Ok(s) => s,
+        Err(e) => {
+            *permits.borrow_mut() += 1;
+            return Err(e.to_string());
+        }
+    };
+    rx.connected(permits);
+    let mut buf = vec![0u8; size * 64];
+    let mut have = 0;
+    while let Ok(n) = stream.read(&mut buf[have..]).await {
+        if n == 0 {
+            break;
+        }
+        have += n;
+        let whole = have / size * size;
+        for m in buf[..whole].chunks_exact(size) {
+            rx.record(m, false);
+        }
+        buf.copy_within(whole..have, 0);
+        have -= whole;
     }
     Ok(())
 }
@@ -809,11 +867,12 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
             }
             *permits.borrow_mut() -= 1;
             let (stats, hist, permits) = (Rc::clone(&stats), Rc::clone(&hist), Rc::clone(&permits));
-            let (server, secret, system) = (args.server, args.secret.clone(), args.system);
+            let (server, secret, system, size) = (args.server, args.secret.clone(), args.system, args.payload);
             glommio::spawn_local(async move {
                 let received = Received { stats: Rc::clone(&stats), hist };
                 let connected = match system {
                     System::Ringpush => ringpush_device(server, &secret, i, expiry, &received, &permits).await,
+                    System::Raw => raw_device(server, size, &received, &permits).await,
                     peer => peer_device(peer, server, i, &received, &permits).await,
                 };
                 if let Err(e) = connected {

@@ -33,6 +33,7 @@ pub mod export;
 pub mod http;
 pub mod ingress;
 pub mod peers;
+pub mod raw;
 pub mod routing;
 pub mod server;
 pub mod session;

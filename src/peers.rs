@@ -15,6 +15,9 @@ pub enum System {
     Ringpush,
     Redis,
     Mosquitto,
+    /// The physical limit: no protocol, one message per socket write, batched io_uring
+    /// sends from the bench process itself.
+    Raw,
 }
 
 impl System {
@@ -23,6 +26,7 @@ impl System {
             System::Ringpush => "ringpush",
             System::Redis => "redis",
             System::Mosquitto => "mosquitto",
+            System::Raw => "raw",
         }
     }
 }
@@ -64,7 +68,7 @@ impl Peer {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let port = free_port()?;
         let mut cmd = match system {
-            System::Ringpush => return Err("ringpush is not a peer".into()),
+            System::Ringpush | System::Raw => return Err(format!("{} is not a peer server", system.name())),
             System::Redis => {
                 let mut c = Command::new(need("redis-server", "redis-server")?);
                 c.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])

@@ -57,14 +57,15 @@ fn peers_run_through_the_same_path_and_lose_nothing() {
     // Needs redis-server and mosquitto (Debian packages; .ci/run installs them).
     let out = Command::new(env!("CARGO_BIN_EXE_ringpush"))
         .args(["bench", "unicast", "--devices", "200", "--messages", "2000", "--shards", "2"])
-        .args(["--compare", "redis,mosquitto", "--json"])
+        .args(["--compare", "redis,mosquitto,raw", "--json"])
         .output()
         .expect("run ringpush bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "bench failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
     let rows: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
     let systems: Vec<&str> = rows.iter().map(|r| r["system"].as_str().unwrap()).collect();
-    assert_eq!(systems, ["ringpush", "redis", "mosquitto"]);
+    assert_eq!(systems, ["ringpush", "redis", "mosquitto", "raw"]);
+    assert!(rows.iter().all(|r| r["ratio_to_raw"].as_f64().is_some_and(|v| v > 0.0)), "{stdout}");
     for r in &rows {
         assert_eq!(
             (r["sent"].as_u64(), r["delivered"].as_u64(), r["lost"].as_u64()),
