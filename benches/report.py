@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Runs the end-to-end scenarios of `ringpush bench` several times against ringpush and
+its peers, and prints Markdown tables: median of the runs with min-max, and each
+system's delivered/s as a ratio to the raw io_uring limit measured in the same run.
+
+Usage (from the repository root, after `cargo build --release`):
+    python3 benches/report.py [runs]        (default 3)
+"""
+import json, statistics, subprocess, sys
+
+RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+BIN = "target/release/ringpush"
+SCENARIOS = [
+    ("unicast", ["--devices", "10000", "--messages", "200000"], "redis,mosquitto,raw"),
+    ("broadcast", ["--devices", "10000", "--messages", "20"], "redis,mosquitto,raw"),
+    ("idle", ["--devices", "16000", "--hold", "3s"], "redis"),
+]
+
+
+def run(scenario, extra, compare):
+    cmd = [BIN, "bench", scenario, *extra, "--shards", "2", "--json", "--compare", compare]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def fmt(values, digits=0):
+    m = statistics.median(values)
+    return f"{m:,.{digits}f} ({min(values):,.{digits}f}–{max(values):,.{digits}f})"
+
+
+for scenario, extra, compare in SCENARIOS:
+    rows = {}
+    for _ in range(RUNS):
+        for r in run(scenario, extra, compare):
+            rows.setdefault(r["system"], []).append(r)
+    print(f"\n### {scenario}: `ringpush bench {scenario} {' '.join(extra)} --shards 2 --compare {compare}`\n")
+    if scenario == "idle":
+        print("| system | devices | RSS per device, bytes | kernel per socket, bytes | connects/s |")
+        print("|---|---|---|---|---|")
+        for system, rs in rows.items():
+            print(f"| {system} | {rs[0]['devices']} | {fmt([r['rss_per_device_bytes'] for r in rs])} | "
+                  f"{fmt([r['kernel_bytes_per_socket'] for r in rs])} | {fmt([r['connect_per_sec'] for r in rs])} |")
+        continue
+    print("| system | delivered/s | ratio to raw | p50 µs | p99 µs | max µs | lost | dups | server CPU % | server RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for system, rs in rows.items():
+        print(f"| {system} | {fmt([r['delivered_per_sec'] for r in rs])} | "
+              f"{fmt([r.get('ratio_to_raw', 0) for r in rs], 2)} | "
+              f"{fmt([r['latency_us']['p50'] for r in rs])} | {fmt([r['latency_us']['p99'] for r in rs])} | "
+              f"{fmt([r['latency_us']['max'] for r in rs])} | {max(r['lost'] for r in rs)} | "
+              f"{max(r['duplicates'] for r in rs)} | {fmt([r['server_cpu_percent'] for r in rs])} | "
+              f"{fmt([r['server_rss_bytes'] / 1e6 for r in rs], 1)} |")
