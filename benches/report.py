@@ -19,7 +19,10 @@ SCENARIOS = [
 
 def run(scenario, extra, compare):
     cmd = [BIN, "bench", scenario, *extra, "--shards", "2", "--json", "--compare", compare]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900).stdout
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    out = p.stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 

@@ -21,7 +21,12 @@ pub struct RawServer {
 
 impl RawServer {
     pub fn start() -> Result<RawServer, String> {
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        // A deep accept queue: thousands of devices connect at once.
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        sock.bind(&any.into()).map_err(|e| e.to_string())?;
+        sock.listen(4096).map_err(|e| e.to_string())?;
+        let listener: TcpListener = sock.into();
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
