@@ -4,7 +4,7 @@ its peers, and prints Markdown tables: median of the runs with min-max, and each
 system's delivered/s as a ratio to the raw io_uring limit measured in the same run.
 
 Usage (from the repository root, after `cargo build --release`):
-    python3 benches/report.py [runs]        (default 3)
+    python3 benches/report.py [runs] [scenario...]   (default: 3 runs, every scenario)
 """
 import json, statistics, subprocess, sys
 
@@ -31,7 +31,10 @@ def fmt(values, digits=0):
     return f"{m:,.{digits}f} ({min(values):,.{digits}f}–{max(values):,.{digits}f})"
 
 
+ONLY = sys.argv[2:]
 for scenario, extra, compare in SCENARIOS:
+    if ONLY and scenario not in ONLY:
+        continue
     rows = {}
     for _ in range(RUNS):
         for r in run(scenario, extra, compare):

@@ -191,6 +191,9 @@ pub fn kernel_socket_bytes() -> u64 {
 }
 
 struct Worker {
+    /// The devices `from..from + count` are this worker's.
+    from: usize,
+    count: usize,
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
@@ -215,7 +218,7 @@ fn spawn_workers(args: &BenchArgs, system: System, device: SocketAddr) -> Result
             .map_err(|e| format!("cannot start a load-generator process: {e}"))?;
         let stdin = child.stdin.take().expect("piped");
         let stdout = BufReader::new(child.stdout.take().expect("piped"));
-        workers.push(Worker { child, stdin, stdout });
+        workers.push(Worker { from, count, child, stdin, stdout });
         from += count;
     }
     Ok(workers)
@@ -237,6 +240,30 @@ struct PushSide {
     rejected: u64,
     busy_retries: u64,
     elapsed: Duration,
+    /// Accepted pushes per device index (unicast), so each worker knows what to expect.
+    hits: Vec<u64>,
+    /// Accepted broadcasts (every device expects each).
+    broadcasts: u64,
+}
+
+impl PushSide {
+    fn count(&mut self, target: Option<usize>) {
+        match target {
+            Some(i) => {
+                if self.hits.len() <= i {
+                    self.hits.resize(i + 1, 0);
+                }
+                self.hits[i] += 1;
+            }
+            None => self.broadcasts += 1,
+        }
+    }
+
+    /// Messages the devices `from..from + count` should receive.
+    fn expected(&self, from: usize, count: usize) -> u64 {
+        let unicast: u64 = self.hits.iter().skip(from).take(count).sum();
+        unicast + self.broadcasts * count as u64
+    }
 }
 
 /// Picks the next push target: a random device, or `None` for a broadcast.
@@ -296,12 +323,15 @@ async fn push_peer(args: &BenchArgs, system: System, addr: SocketAddr) -> Result
     };
     let mut payload = vec![0x2au8; args.payload.max(8)];
     let (mut sent, mut answered) = (0u64, 0u64);
+    let mut side = PushSide::default();
     let start = Instant::now();
     while sent < args.messages {
         pace(start, sent, args.rate).await;
         let batch = (args.messages - sent).min(256);
         for _ in 0..batch {
-            let channel = match targets.next() {
+            let target = targets.next();
+            side.count(target);
+            let channel = match target {
                 Some(i) => format!("d{i}"),
                 None => peers::ALL.to_string(),
             };
@@ -337,7 +367,9 @@ async fn push_peer(args: &BenchArgs, system: System, addr: SocketAddr) -> Result
         stream.write_all(&[0xe0, 0x00]).await.map_err(|e| e.to_string())?;
         while stream.read(&mut inbuf).await.map_err(|e| e.to_string())? > 0 {}
     }
-    Ok(PushSide { accepted: sent, elapsed: start.elapsed(), ..PushSide::default() })
+    side.accepted = sent;
+    side.elapsed = start.elapsed();
+    Ok(side)
 }
 
 async fn push_ringpush(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSide, String> {
@@ -385,7 +417,10 @@ async fn push_ringpush(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSid
             AppReply::Push(id, outcome) => {
                 let target = inflight.remove(&id).ok_or("reply for an unknown request")?;
                 match outcome {
-                    PushOutcome::Accepted(_) => out.accepted += 1,
+                    PushOutcome::Accepted(_) => {
+                        out.accepted += 1;
+                        out.count(target);
+                    }
                     PushOutcome::Rejected(code, reason) => {
                         out.rejected += 1;
                         if out.rejected == 1 {
@@ -498,8 +533,20 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
                 broadcast: args.scenario == Scenario::Broadcast,
             };
             let started = Instant::now();
-            raw.send(args.messages, args.payload.max(8), || targets.next(), unix_us)?;
-            push = PushSide { accepted: args.messages, elapsed: started.elapsed(), ..PushSide::default() };
+            let mut side = PushSide::default();
+            raw.send(
+                args.messages,
+                args.payload.max(8),
+                || {
+                    let t = targets.next();
+                    side.count(t);
+                    t
+                },
+                unix_us,
+            )?;
+            side.accepted = args.messages;
+            side.elapsed = started.elapsed();
+            push = side;
         }
         Scenario::Unicast | Scenario::Broadcast => {
             let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
@@ -516,7 +563,8 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     let (mut delivered, mut duplicates) = (0u64, 0u64);
     let mut last_us = 0u64;
     for w in workers.iter_mut() {
-        let _ = w.stdin.write_all(b"stop\n");
+        let expect = push.expected(w.from, w.count);
+        let _ = writeln!(w.stdin, "stop {expect}");
         let _ = w.stdin.flush();
     }
     for w in workers.iter_mut() {
@@ -847,10 +895,14 @@ async fn read_packets(
 pub fn worker(args: WorkerArgs) -> Result<(), String> {
     crate::server::raise_nofile();
     let stop = Arc::new(AtomicBool::new(false));
-    let s = Arc::clone(&stop);
+    let expect = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (s, e) = (Arc::clone(&stop), Arc::clone(&expect));
     std::thread::spawn(move || {
         let mut line = String::new();
         let _ = std::io::stdin().read_line(&mut line);
+        // "stop N": N messages were accepted for this worker's devices.
+        let n = line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        e.store(n, Ordering::Relaxed);
         s.store(true, Ordering::Relaxed);
     });
     let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
@@ -895,11 +947,14 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
         while !stop.load(Ordering::Relaxed) {
             glommio::timer::sleep(Duration::from_millis(10)).await;
         }
-        // Drain: wait until nothing has arrived for 500 ms (30 s at most).
+        // Drain: until every expected message arrived (30 s at most), then a little
+        // longer to catch duplicates.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline && unix_us().saturating_sub(stats.borrow().last_us) < 500_000 {
-            glommio::timer::sleep(Duration::from_millis(50)).await;
+        let want = expect.load(Ordering::Relaxed);
+        while Instant::now() < deadline && stats.borrow().received < want {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
         }
+        glommio::timer::sleep(Duration::from_millis(100)).await;
         let mut bytes = Vec::new();
         V2Serializer::new().serialize(&hist.borrow(), &mut bytes).expect("serializing to memory works");
         let st = stats.borrow();

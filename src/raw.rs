@@ -22,7 +22,8 @@ pub struct RawServer {
 impl RawServer {
     pub fn start() -> Result<RawServer, String> {
         // A deep accept queue: thousands of devices connect at once.
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
         let any: SocketAddr = ([127, 0, 0, 1], 0).into();
         sock.bind(&any.into()).map_err(|e| e.to_string())?;
         sock.listen(4096).map_err(|e| e.to_string())?;
