@@ -12,7 +12,7 @@ use crate::clock::mono_us;
 use crate::devices::Counts;
 use crate::routing::shard_for;
 use crate::session::{
-    linger_close, park, read_handshake, reject, server_preamble, yield_now, HandshakeError, POLL_BUDGET,
+    find_app, linger_close, park, read_handshake, reject, server_preamble, yield_now, HandshakeError, POLL_BUDGET,
 };
 use crate::shard::{ConnRef, PushReq, Reply, Request, ShardCore, Targets, SCRATCH};
 use crate::stats::{PushKind, PushResult};
@@ -77,18 +77,12 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
         let AppFrame::Auth(a) = frame else {
             return Err(HandshakeError::new(ErrorCode::UNEXPECTED_FRAME, "first frame must be AUTH"));
         };
-        let Some(&app) = c.shared.app_index.get(a.app_id) else {
-            return Err(HandshakeError::new(ErrorCode::UNKNOWN_APP, "unknown app"));
-        };
+        let app = find_app(&c, a.app_id)?;
         let skew = c.cfg().auth_skew.as_millis() as u64;
         token::verify_auth(c.shared.secret(app), a.app_id, a.timestamp_ms, &a.proof, c.now_ms(), skew)?;
         Ok(Some((app, used)))
     };
-    let res = glommio::timer::timeout(core.cfg().handshake_timeout, async {
-        Ok(read_handshake(&mut stream, Role::App, limits.max_frame, verify).await)
-    })
-    .await
-    .unwrap_or(Err(HandshakeError::new(ErrorCode::BAD_FRAME, "handshake timed out")));
+    let res = read_handshake(&core, &mut stream, Role::App, limits.max_frame, verify).await;
     let (app, leftover) = match res {
         Ok(v) => v,
         Err(e) => {

@@ -91,6 +91,25 @@ pub(crate) fn server_preamble(role: Role) -> [u8; PREAMBLE_LEN] {
 /// the first frame from the bytes after the preamble, returning an owned value and the
 /// bytes it used. Returns that value and the bytes that followed it.
 pub(crate) async fn read_handshake<T>(
+    core: &ShardCore,
+    stream: &mut TcpStream,
+    role: Role,
+    max_frame: u32,
+    first: impl Fn(&[u8]) -> Result<Option<(T, usize)>, HandshakeError>,
+) -> Result<(T, Vec<u8>), HandshakeError> {
+    glommio::timer::timeout(core.cfg().handshake_timeout, async {
+        Ok(read_handshake_untimed(stream, role, max_frame, first).await)
+    })
+    .await
+    .unwrap_or(Err(HandshakeError::new(ErrorCode::BAD_FRAME, "handshake timed out")))
+}
+
+/// The app id's index, or `unknown_app`.
+pub(crate) fn find_app(core: &ShardCore, app_id: &str) -> Result<u16, HandshakeError> {
+    core.shared.app_index.get(app_id).copied().ok_or(HandshakeError::new(ErrorCode::UNKNOWN_APP, "unknown app"))
+}
+
+async fn read_handshake_untimed<T>(
     stream: &mut TcpStream,
     role: Role,
     max_frame: u32,
@@ -186,19 +205,12 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
         let DeviceFrame::Hello(h) = frame else {
             return Err(HandshakeError::new(ErrorCode::UNEXPECTED_FRAME, "first frame must be HELLO"));
         };
-        let Some(&app) = shared.shared.app_index.get(h.app_id) else {
-            return Err(HandshakeError::new(ErrorCode::UNKNOWN_APP, "unknown app"));
-        };
+        let app = find_app(&shared, h.app_id)?;
         let now_secs = shared.now_ms() / 1000;
         DeviceToken(h.token).verify(shared.shared.secret(app), h.app_id, h.device_id, now_secs)?;
         Ok(Some((HelloOk { app, device: h.device_id.to_string(), last_acked: h.last_acked_seq }, used)))
     };
-    let timeout = core.cfg().handshake_timeout;
-    let res = glommio::timer::timeout(timeout, async {
-        Ok(read_handshake(&mut stream, Role::Device, limits.max_frame, verify).await)
-    })
-    .await
-    .unwrap_or(Err(HandshakeError::new(ErrorCode::BAD_FRAME, "handshake timed out")));
+    let res = read_handshake(&core, &mut stream, Role::Device, limits.max_frame, verify).await;
     let (hello, leftover) = match res {
         Ok(v) => v,
         Err(e) => {
