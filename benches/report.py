@@ -13,6 +13,7 @@ BIN = "target/release/ringpush"
 SCENARIOS = [
     ("unicast", ["--devices", "10000", "--messages", "200000"], "redis,mosquitto,raw"),
     ("broadcast", ["--devices", "10000", "--messages", "20"], "redis,mosquitto,raw"),
+    ("offline", ["--devices", "10000", "--messages", "100000"], "ringpush"),
     ("idle", ["--devices", "16000", "--hold", "3s"], "redis"),
 ]
 

@@ -11,7 +11,9 @@
 //!
 //! Scenarios: `unicast` (M pushes to random devices, acked by the devices), `broadcast`
 //! (K pushes to every device of the app), `idle` (connect N devices and hold: connect
-//! rate, server RSS and kernel memory per connection).
+//! rate, server RSS and kernel memory per connection), `offline` (M pushes to devices that
+//! are not connected yet, then connect them all: how fast the queued messages drain; only
+//! ringpush keeps messages for offline devices, so peers are skipped).
 
 use crate::client::{unix_ms, AppClient, AppReply, DeviceClient, DeviceEvent, PushOutcome, PushTarget};
 use crate::peers::{self, Peer, System};
@@ -40,6 +42,8 @@ pub enum Scenario {
     Unicast,
     Broadcast,
     Idle,
+    /// Push to devices that are not connected, then connect them: the drain rate.
+    Offline,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -447,6 +451,10 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     crate::server::raise_nofile();
     let mut systems = vec![System::Ringpush];
     systems.extend(args.compare.iter().copied().filter(|s| *s != System::Ringpush));
+    if args.scenario == Scenario::Offline && systems.len() > 1 {
+        eprintln!("ringpush bench: offline: only ringpush keeps messages for offline devices; peers skipped");
+        systems.truncate(1);
+    }
     let mut results = Vec::new();
     for system in systems {
         results.push(run_one(&args, system)?);
@@ -494,7 +502,18 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     let (_, rss_before) = usage().unwrap_or((0.0, 0));
     let kernel_before = kernel_socket_bytes();
 
+    // Offline: every push is accepted before any device connects.
+    let mut push = PushSide::default();
+    if args.scenario == Scenario::Offline {
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .make()
+            .map_err(|e| format!("cannot start the executor: {e}"))?;
+        let a = args.clone();
+        push = ex.run(async move { push_load(&a, system, app_addr).await })?;
+    }
     let connect_start = Instant::now();
+    let connect_start_us = unix_us();
+    let (cpu_at_connect, _) = usage().unwrap_or((0.0, 0));
     let mut workers = spawn_workers(args, system, device_addr)?;
     let mut connected = 0u64;
     for w in workers.iter_mut() {
@@ -508,11 +527,14 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
         return Err(format!("only {connected} of {} devices connected", args.devices));
     }
 
-    let (cpu0, _) = usage().unwrap_or((0.0, 0));
-    let t0 = Instant::now();
-    let mut push = PushSide::default();
+    // Offline measures from the first connect (the drain); the others after connecting.
+    let (cpu0, t0) = match args.scenario {
+        Scenario::Offline => (cpu_at_connect, connect_start),
+        _ => (usage().unwrap_or((0.0, 0)).0, Instant::now()),
+    };
     let mut idle = json!({});
     match args.scenario {
+        Scenario::Offline => {}
         Scenario::Idle => {
             std::thread::sleep(args.hold);
             let (_, rss) = usage().unwrap_or((0.0, 0));
@@ -579,12 +601,20 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
         let _ = w.child.wait();
     }
     let expected = match args.scenario {
-        Scenario::Unicast => push.accepted,
+        Scenario::Unicast | Scenario::Offline => push.accepted,
         Scenario::Broadcast => push.accepted * connected,
         Scenario::Idle => 0,
     };
-    let start_us = unix_us() - t0.elapsed().as_micros() as u64;
-    let window = (last_us.saturating_sub(start_us) as f64 / 1e6).max(push.elapsed.as_secs_f64()).max(1e-6);
+    let start_us = match args.scenario {
+        Scenario::Offline => connect_start_us,
+        _ => unix_us() - t0.elapsed().as_micros() as u64,
+    };
+    let drained = last_us.saturating_sub(start_us) as f64 / 1e6;
+    let window = match args.scenario {
+        Scenario::Offline => drained,
+        _ => drained.max(push.elapsed.as_secs_f64()),
+    }
+    .max(1e-6);
     let phase = t0.elapsed().as_secs_f64().max(1e-6);
     let q = |p: f64| if hist.is_empty() { 0 } else { hist.value_at_quantile(p) };
     let mut result = json!({

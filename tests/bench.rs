@@ -44,9 +44,15 @@ fn unicast_over_three_worker_processes_loses_nothing() {
 }
 
 #[test]
-fn broadcast_reaches_every_device_and_idle_reports_memory() {
+fn broadcast_and_offline_deliver_everything_and_idle_reports_memory() {
     let r = bench(&["broadcast", "--devices", "200", "--messages", "5"]);
     assert_eq!((r["sent"].as_u64(), r["delivered"].as_u64(), r["lost"].as_u64()), (Some(5), Some(1000), Some(0)));
+    let r = bench(&["offline", "--devices", "200", "--messages", "1000"]);
+    assert_eq!(
+        (r["sent"].as_u64(), r["delivered"].as_u64(), r["lost"].as_u64()),
+        (Some(1000), Some(1000), Some(0)),
+        "{r}"
+    );
     let r = bench(&["idle", "--devices", "200", "--hold", "200ms"]);
     assert!(r["rss_per_device_bytes"].is_u64() && r["kernel_bytes_per_socket"].is_u64(), "{r}");
     assert_eq!(r["devices"], 200);
