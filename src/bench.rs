@@ -94,6 +94,10 @@ pub struct BenchArgs {
     /// Print one JSON object per system instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also write summary.json, summary.txt and chart.svg (latency percentiles and
+    /// throughput over time, every system) into this directory.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
 }
 
 fn unix_us() -> u64 {
@@ -467,12 +471,22 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             r["ratio_to_raw"] = json!((ratio * 1000.0).round() / 1000.0);
         }
     }
+    let table = table(&results);
     if args.json {
         for r in &results {
             println!("{r}");
         }
     } else {
-        print_table(&results);
+        print!("{table}");
+    }
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let write = |name: &str, text: String| {
+            std::fs::write(dir.join(name), text).map_err(|e| format!("cannot write {}: {e}", dir.join(name).display()))
+        };
+        write("summary.json", serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?)?;
+        write("summary.txt", table)?;
+        write("chart.svg", crate::chart::svg(&results))?;
     }
     Ok(())
 }
@@ -584,6 +598,7 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     let mut hist = new_hist();
     let (mut delivered, mut duplicates) = (0u64, 0u64);
     let mut last_us = 0u64;
+    let mut timeline = std::collections::BTreeMap::new();
     for w in workers.iter_mut() {
         let expect = push.expected(w.from, w.count);
         let _ = writeln!(w.stdin, "stop {expect}");
@@ -595,6 +610,11 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
         delivered += v["received"].as_u64().unwrap_or(0);
         duplicates += v["duplicates"].as_u64().unwrap_or(0);
         last_us = last_us.max(v["last_us"].as_u64().unwrap_or(0));
+        for pair in v["timeline"].as_array().into_iter().flatten() {
+            if let (Some(t), Some(n)) = (pair[0].as_u64(), pair[1].as_u64()) {
+                *timeline.entry(t).or_insert(0u64) += n;
+            }
+        }
         let bytes = hex::decode(v["hist"].as_str().unwrap_or("")).map_err(|e| e.to_string())?;
         let h: Histogram<u64> = Deserializer::new().deserialize(&mut &bytes[..]).map_err(|e| format!("{e:?}"))?;
         hist.add(&h).map_err(|e| format!("{e:?}"))?;
@@ -634,6 +654,11 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
         "server_cpu_percent": 100.0 * (cpu1 - cpu0) / phase,
         "connect_per_sec": connected as f64 / connect_secs,
         "set": args.set,
+        // Deliveries per second over time: [ms since the measured phase began, rate].
+        "timeline": timeline
+            .iter()
+            .map(|(bucket, n)| json!([(bucket * 100).saturating_sub(start_us / 1000), n * 10]))
+            .collect::<Vec<_>>(),
     });
     if let (Some(r), Value::Object(extra)) = (result.as_object_mut(), idle) {
         r.extend(extra);
@@ -642,13 +667,18 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     Ok(result)
 }
 
-fn print_table(results: &[Value]) {
-    let Some(first) = results.first() else { return };
-    println!(
+/// The results as a text table, one row per system.
+fn table(results: &[Value]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let Some(first) = results.first() else { return out };
+    let _ = writeln!(
+        out,
         "scenario {}  devices {}  payload {} B  {}",
         first["scenario"], first["devices"], first["payload_bytes"], first["set"]
     );
-    println!(
+    let _ = writeln!(
+        out,
         "{:<10} {:>10} {:>10} {:>6} {:>6} {:>14} {:>8} {:>8} {:>8} {:>9} {:>12} {:>8} {:>7}",
         "system",
         "sent",
@@ -665,13 +695,16 @@ fn print_table(results: &[Value]) {
         "vs raw"
     );
     for r in results {
-        print_row(r);
+        row(&mut out, r);
     }
+    out
 }
 
-fn print_row(r: &Value) {
+fn row(out: &mut String, r: &Value) {
+    use std::fmt::Write as _;
     let l = &r["latency_us"];
-    println!(
+    let _ = writeln!(
+        out,
         "{:<10} {:>10} {:>10} {:>6} {:>6} {:>14.0} {:>8} {:>8} {:>8} {:>9.1} {:>12.0} {:>8.0} {:>7}",
         r["system"].as_str().unwrap_or(""),
         r["sent"].as_u64().unwrap_or(0),
@@ -688,7 +721,8 @@ fn print_row(r: &Value) {
         r["ratio_to_raw"].as_f64().map_or("-".to_string(), |v| format!("{v:.2}")),
     );
     if r.get("rss_per_device_bytes").is_some() {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<10} idle: {} B server RSS per device, {} B kernel per socket",
             "", r["rss_per_device_bytes"], r["kernel_bytes_per_socket"]
         );
@@ -724,6 +758,8 @@ struct WorkerStats {
     failed: u64,
     connected: u64,
     last_us: u64,
+    /// Messages received per 100 ms, keyed by unix time / 100 ms (for the chart).
+    timeline: std::collections::BTreeMap<u64, u64>,
 }
 
 /// Where a worker's devices record what they receive.
@@ -746,6 +782,7 @@ impl Received {
             st.received += 1;
         }
         st.last_us = now;
+        *st.timeline.entry(now / 100_000).or_default() += 1;
     }
 
     fn connected(&self, permits: &RefCell<usize>) {
@@ -991,6 +1028,7 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
         let report = json!({
             "received": st.received, "duplicates": st.duplicates, "failed": st.failed,
             "last_us": st.last_us, "hist": hex::encode(bytes),
+            "timeline": st.timeline.iter().map(|(k, v)| [*k, *v]).collect::<Vec<_>>(),
         });
         println!("{report}");
         let _ = std::io::stdout().flush();

@@ -18,7 +18,15 @@ fn bench(args: &[&str]) -> Value {
 
 #[test]
 fn unicast_over_three_worker_processes_loses_nothing() {
-    let r = bench(&["unicast", "--devices", "300", "--per-process", "100", "--messages", "3000"]);
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().to_str().unwrap();
+    let r = bench(&["unicast", "--devices", "300", "--per-process", "100", "--messages", "3000", "--out", dir]);
+    let svg = std::fs::read_to_string(out.path().join("chart.svg")).expect("--out writes chart.svg");
+    assert!(svg.contains("<polyline") && svg.contains("ringpush"), "{svg}");
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary[0]["delivered"], 3000);
+    assert!(std::fs::read_to_string(out.path().join("summary.txt")).unwrap().contains("delivered/s"));
     for key in [
         "scenario",
         "system",
