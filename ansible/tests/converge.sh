@@ -22,7 +22,7 @@ if [ ! -x "$venv/bin/ansible-lint" ]; then
   "$venv/bin/pip" install --quiet "ansible-core>=2.17,<2.20" "ansible-lint>=25"
 fi
 export PATH="$venv/bin:$PATH"
-ansible-playbook --version | head -1
+ansible-playbook --version | sed -n 1p   # sed reads it all: no broken pipe
 if ! command -v systemd-analyze >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq systemd >/dev/null
 fi
