@@ -50,8 +50,8 @@ say "converge, second run: must change nothing"
 log2=$(mktemp)
 ansible-playbook -i inventory/ci.yml site.yml | tee "$log2"
 recap=$(grep -E '^localhost +:' "$log2")
-echo "$recap" | grep -q 'changed=0' || { echo "not idempotent: $recap" >&2; exit 1; }
-echo "$recap" | grep -q 'failed=0' || { echo "second run failed: $recap" >&2; exit 1; }
+[[ "$recap" == *" changed=0 "* ]] || { echo "not idempotent: $recap" >&2; exit 1; }
+[[ "$recap" == *" failed=0 "* ]] || { echo "second run failed: $recap" >&2; exit 1; }
 
 say "systemd-analyze verify on the rendered unit"
 systemd-analyze verify /etc/systemd/system/ringpush.service
