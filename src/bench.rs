@@ -53,9 +53,13 @@ pub struct BenchArgs {
     /// Devices to connect.
     #[arg(long, default_value_t = 10_000)]
     pub devices: usize,
-    /// Pushes to send (unicast: one device each; broadcast: to every device).
+    /// Pushes to send (unicast: one device each; broadcast: to every device); with
+    /// --duration, the most to send.
     #[arg(long, default_value_t = 100_000)]
     pub messages: u64,
+    /// Stop issuing pushes after this long (e.g. 30s); in-flight ones still finish.
+    #[arg(long, value_parser = crate::duration::parse)]
+    pub duration: Option<Duration>,
     /// Payload bytes per message (at least 8: the send timestamp).
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
@@ -65,8 +69,12 @@ pub struct BenchArgs {
     /// Pushes in flight on the app connection.
     #[arg(long, default_value_t = 4096)]
     pub inflight: usize,
+    /// Start a box for the run (temp data dir) and stop it by PID: the default unless
+    /// --server is given.
+    #[arg(long, conflicts_with = "server")]
+    pub spawn: bool,
     /// Target a running box (its device port); the box must have the app `bench` with
-    /// the secret given by --secret. Without it, a box is spawned.
+    /// the secret given by --secret.
     #[arg(long)]
     pub server: Option<SocketAddr>,
     /// The running box's app port (with --server).
@@ -293,6 +301,13 @@ impl Targets {
     }
 }
 
+impl BenchArgs {
+    /// Whether push number `issued` (0-based) may still be issued at `elapsed`.
+    fn more(&self, issued: u64, elapsed: Duration) -> bool {
+        issued < self.messages && self.duration.is_none_or(|d| elapsed < d)
+    }
+}
+
 /// Sleeps until push number `n` is due at `rate` pushes/s (0: never waits).
 async fn pace(start: Instant, n: u64, rate: u64) {
     if rate > 0 {
@@ -333,7 +348,7 @@ async fn push_peer(args: &BenchArgs, system: System, addr: SocketAddr) -> Result
     let (mut sent, mut answered) = (0u64, 0u64);
     let mut side = PushSide::default();
     let start = Instant::now();
-    while sent < args.messages {
+    while args.more(sent, start.elapsed()) {
         pace(start, sent, args.rate).await;
         let batch = (args.messages - sent).min(256);
         for _ in 0..batch {
@@ -355,7 +370,7 @@ async fn push_peer(args: &BenchArgs, system: System, addr: SocketAddr) -> Result
         // Redis answers every PUBLISH: keep at most --inflight unanswered, and read
         // every answer before closing (unread bytes make close() a reset, and the
         // server would drop what it had not read yet).
-        let limit = if sent == args.messages { 0 } else { args.inflight as u64 };
+        let limit = if args.more(sent, start.elapsed()) { args.inflight as u64 } else { 0 };
         while system == System::Redis && sent - answered > limit {
             let n = stream.read(&mut inbuf).await.map_err(|e| e.to_string())?;
             if n == 0 {
@@ -394,8 +409,12 @@ async fn push_ringpush(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSid
         broadcast: args.scenario == Scenario::Broadcast,
     };
     let start = Instant::now();
-    while out.accepted + out.rejected < args.messages {
-        while inflight.len() < args.inflight && (queued < args.messages || !retry.is_empty()) {
+    loop {
+        let more = args.more(queued, start.elapsed());
+        if !more && inflight.is_empty() && retry.is_empty() {
+            break;
+        }
+        while inflight.len() < args.inflight && (args.more(queued, start.elapsed()) || !retry.is_empty()) {
             if args.rate > 0 {
                 let due = Duration::from_secs_f64((out.accepted + inflight.len() as u64) as f64 / args.rate as f64);
                 if start.elapsed() < due {
@@ -570,8 +589,9 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
             };
             let started = Instant::now();
             let mut side = PushSide::default();
-            raw.send(
+            let sent = raw.send(
                 args.messages,
+                args.duration.map(|d| started + d),
                 args.payload.max(8),
                 || {
                     let t = targets.next();
@@ -580,7 +600,7 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
                 },
                 unix_us,
             )?;
-            side.accepted = args.messages;
+            side.accepted = sent;
             side.elapsed = started.elapsed();
             push = side;
         }

@@ -56,26 +56,28 @@ impl RawServer {
 
     /// Sends `messages` messages of `size` bytes (send time in the first 8 bytes),
     /// each to one connection picked by `target` (`None`: every connection, one send
-    /// each, for broadcast). Returns how many messages were sent.
+    /// each, for broadcast), issuing no new push after `deadline`. Returns how many
+    /// pushes were sent.
     pub fn send(
         &self,
         messages: u64,
+        deadline: Option<Instant>,
         size: usize,
         mut target: impl FnMut() -> Option<usize>,
         now_us: impl Fn() -> u64,
     ) -> Result<u64, String> {
         let mut ring = IoUring::new(BATCH as u32 * 2).map_err(|e| format!("io_uring: {e}"))?;
         let mut bufs = vec![vec![0x2au8; size.max(8)]; BATCH];
-        let mut sent = 0u64;
         let mut fan: Vec<i32> = Vec::with_capacity(BATCH);
         let mut pushes = 0u64;
-        while pushes < messages || !fan.is_empty() {
+        let more = |pushes: u64| pushes < messages && deadline.is_none_or(|d| Instant::now() < d);
+        while more(pushes) || !fan.is_empty() {
             // One batch: up to BATCH sends, each with its own buffer.
             let mut n = 0;
             while n < BATCH {
                 let fd = match fan.pop() {
                     Some(fd) => fd,
-                    None if pushes < messages => {
+                    None if more(pushes) => {
                         pushes += 1;
                         match target() {
                             Some(i) => self.conns[i].as_raw_fd(),
@@ -101,11 +103,11 @@ impl RawServer {
             ring.submit_and_wait(n).map_err(|e| format!("io_uring submit: {e}"))?;
             for cqe in ring.completion().take(n) {
                 match cqe.result() {
-                    r if r as usize == size.max(8) => sent += 1,
+                    r if r as usize == size.max(8) => {}
                     r => return Err(format!("raw send returned {r} (expected {})", size.max(8))),
                 }
             }
         }
-        Ok(sent)
+        Ok(pushes)
     }
 }

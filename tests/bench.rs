@@ -88,3 +88,12 @@ fn peers_run_through_the_same_path_and_lose_nothing() {
         );
     }
 }
+
+#[test]
+fn duration_and_rate_bound_the_run() {
+    let r = bench(&["unicast", "--devices", "100", "--messages", "1000000", "--duration", "500ms", "--rate", "2000"]);
+    let sent = r["sent"].as_u64().unwrap();
+    assert!((500..=1400).contains(&sent), "2000/s for 0.5 s sent {sent}");
+    assert_eq!(r["delivered"].as_u64(), Some(sent));
+    assert_eq!(r["lost"], 0);
+}
