@@ -282,6 +282,45 @@ impl PushSide {
     }
 }
 
+/// A one-line progress bar on stderr when it is a terminal; silent otherwise.
+struct Progress {
+    label: &'static str,
+    total: u64,
+    on: bool,
+    last: Instant,
+}
+
+impl Progress {
+    fn new(label: &'static str, total: u64) -> Self {
+        use std::io::IsTerminal;
+        Progress { label, total, on: std::io::stderr().is_terminal(), last: Instant::now() }
+    }
+
+    fn show(&mut self, done: u64) {
+        if !self.on || self.last.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        self.last = Instant::now();
+        let width = 30;
+        let filled = (done.min(self.total) * width / self.total.max(1)) as usize;
+        eprint!(
+            "\r{:<10} [{}{}] {done}/{}",
+            self.label,
+            "#".repeat(filled),
+            ".".repeat(width as usize - filled),
+            self.total
+        );
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if self.on {
+            eprint!("\r{:<60}\r", "");
+        }
+    }
+}
+
 /// Picks the next push target: a random device, or `None` for a broadcast.
 struct Targets {
     rng: u64,
@@ -347,6 +386,7 @@ async fn push_peer(args: &BenchArgs, system: System, addr: SocketAddr) -> Result
     let mut payload = vec![0x2au8; args.payload.max(8)];
     let (mut sent, mut answered) = (0u64, 0u64);
     let mut side = PushSide::default();
+    let mut progress = Progress::new(system.name(), args.messages);
     let start = Instant::now();
     while args.more(sent, start.elapsed()) {
         pace(start, sent, args.rate).await;
@@ -365,6 +405,7 @@ async fn push_peer(args: &BenchArgs, system: System, addr: SocketAddr) -> Result
             }
         }
         sent += batch;
+        progress.show(sent);
         stream.write_all(&out).await.map_err(|e| e.to_string())?;
         out.clear();
         // Redis answers every PUBLISH: keep at most --inflight unanswered, and read
@@ -400,6 +441,7 @@ async fn push_ringpush(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSid
     let names: Vec<String> = (0..args.devices).map(|i| format!("d{i}")).collect();
     let mut payload = vec![0x2au8; args.payload.max(8)];
     let mut out = PushSide::default();
+    let mut progress = Progress::new("ringpush", args.messages);
     let mut inflight: HashMap<u64, Option<usize>> = HashMap::new();
     let mut retry: Vec<Option<usize>> = Vec::new();
     let mut queued = 0u64;
@@ -447,6 +489,7 @@ async fn push_ringpush(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSid
                     PushOutcome::Accepted(_) => {
                         out.accepted += 1;
                         out.count(target);
+                        progress.show(out.accepted);
                     }
                     PushOutcome::Rejected(code, reason) => {
                         out.rejected += 1;
