@@ -854,6 +854,26 @@ impl Received {
     }
 }
 
+/// Connects with up to 5 attempts and growing back-off (a storm of connects can
+/// overflow accept queues). On failure the connect permit is returned.
+async fn with_retries<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    permits: &RefCell<usize>,
+    mut connect: impl FnMut() -> F,
+) -> Result<T, String> {
+    let mut attempt = 0;
+    loop {
+        match connect().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt == 4 => {
+                *permits.borrow_mut() += 1;
+                return Err(e.to_string());
+            }
+            Err(_) => glommio::timer::sleep(Duration::from_millis(50 << attempt)).await,
+        }
+        attempt += 1;
+    }
+}
+
 /// One ringpush device: connect (with retries), then receive and ack until closed.
 async fn ringpush_device(
     server: SocketAddr,
@@ -865,18 +885,7 @@ async fn ringpush_device(
 ) -> Result<(), String> {
     let id = format!("d{i}");
     let token = DeviceToken::mint(secret.as_bytes(), APP, &id, expiry);
-    let mut attempt = 0;
-    let mut dev = loop {
-        match DeviceClient::connect(server, APP, &id, token, 0).await {
-            Ok(d) => break d,
-            Err(e) if attempt == 4 => {
-                *permits.borrow_mut() += 1;
-                return Err(e.to_string());
-            }
-            Err(_) => glommio::timer::sleep(Duration::from_millis(50 << attempt)).await,
-        }
-        attempt += 1;
-    };
+    let mut dev = with_retries(permits, || DeviceClient::connect(server, APP, &id, token, 0)).await?;
     rx.connected(permits);
     let mut last = 0u64;
     while let Ok(ev) = dev.next_event().await {
@@ -898,13 +907,7 @@ async fn ringpush_device(
 
 /// One raw-limit receiver: fixed-size messages, no protocol.
 async fn raw_device(server: SocketAddr, size: usize, rx: &Received, permits: &RefCell<usize>) -> Result<(), String> {
-    let mut stream = match glommio::net::TcpStream::connect(server).await {
-        Ok(s) => s,
-        Err(e) => {
-            *permits.borrow_mut() += 1;
-            return Err(e.to_string());
-        }
-    };
+    let mut stream = with_retries(permits, || glommio::net::TcpStream::connect(server)).await?;
     rx.connected(permits);
     let mut buf = vec![0u8; size * 64];
     let mut have = 0;
@@ -932,18 +935,7 @@ async fn peer_device(
     permits: &RefCell<usize>,
 ) -> Result<(), String> {
     let id = format!("d{i}");
-    let mut attempt = 0;
-    let mut stream = loop {
-        match glommio::net::TcpStream::connect(server).await {
-            Ok(s) => break s,
-            Err(e) if attempt == 4 => {
-                *permits.borrow_mut() += 1;
-                return Err(e.to_string());
-            }
-            Err(_) => glommio::timer::sleep(Duration::from_millis(50 << attempt)).await,
-        }
-        attempt += 1;
-    };
+    let mut stream = with_retries(permits, || glommio::net::TcpStream::connect(server)).await?;
     let mut out = Vec::new();
     match system {
         System::Redis => peers::resp_subscribe(&mut out, &[&id, peers::ALL]),
