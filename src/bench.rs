@@ -13,7 +13,9 @@
 //! (K pushes to every device of the app), `idle` (connect N devices and hold: connect
 //! rate, server RSS and kernel memory per connection), `offline` (M pushes to devices that
 //! are not connected yet, then connect them all: how fast the queued messages drain; only
-//! ringpush keeps messages for offline devices, so peers are skipped).
+//! ringpush keeps messages for offline devices, so peers are skipped), `storm` (every
+//! device connects at once; a spawned box is then restarted on the same ports and every
+//! device connects again: handshakes/s both times).
 
 use crate::client::{unix_ms, AppClient, AppReply, DeviceClient, DeviceEvent, PushOutcome, PushTarget};
 use crate::peers::{self, Peer, System};
@@ -44,6 +46,8 @@ pub enum Scenario {
     Idle,
     /// Push to devices that are not connected, then connect them: the drain rate.
     Offline,
+    /// Every device connects at once (handshakes/s), then again after the box restarts.
+    Storm,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -126,6 +130,11 @@ struct Spawned {
 
 impl Spawned {
     fn start(shards: usize, set: &[String]) -> Result<Spawned, String> {
+        Self::start_at(shards, set, "127.0.0.1:0", "127.0.0.1:0")
+    }
+
+    /// Starts a box on the given device and app addresses (a restart reuses them).
+    fn start_at(shards: usize, set: &[String], device: &str, app: &str) -> Result<Spawned, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let cfg = dir.path().join("bench.toml");
         let mut text = set.join("\n");
@@ -138,7 +147,7 @@ impl Spawned {
             .arg(&cfg)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
-            .args(["--device-listen", "127.0.0.1:0", "--app-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(["--device-listen", device, "--app-listen", app, "--http-listen", "127.0.0.1:0"])
             .args(["--shards", &shards.to_string()])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -238,6 +247,61 @@ fn spawn_workers(args: &BenchArgs, system: System, device: SocketAddr) -> Result
         from += count;
     }
     Ok(workers)
+}
+
+/// Waits for every worker's `ready N` line; returns the devices connected.
+fn wait_ready(workers: &mut [Worker]) -> Result<u64, String> {
+    let mut connected = 0;
+    for w in workers.iter_mut() {
+        let line = read_line(w)?;
+        let n: u64 =
+            line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).ok_or(format!("bad worker line {line:?}"))?;
+        connected += n;
+    }
+    Ok(connected)
+}
+
+/// What the workers saw, merged.
+struct Collected {
+    hist: Histogram<u64>,
+    delivered: u64,
+    duplicates: u64,
+    last_us: u64,
+    /// Messages per 100 ms bucket (unix time / 100 ms).
+    timeline: std::collections::BTreeMap<u64, u64>,
+}
+
+/// Tells each worker how many messages to wait for, then merges their reports.
+fn stop_workers(workers: &mut [Worker], push: &PushSide) -> Result<Collected, String> {
+    let mut c = Collected {
+        hist: new_hist(),
+        delivered: 0,
+        duplicates: 0,
+        last_us: 0,
+        timeline: std::collections::BTreeMap::new(),
+    };
+    for w in workers.iter_mut() {
+        let expect = push.expected(w.from, w.count);
+        let _ = writeln!(w.stdin, "stop {expect}");
+        let _ = w.stdin.flush();
+    }
+    for w in workers.iter_mut() {
+        let line = read_line(w)?;
+        let v: Value = serde_json::from_str(&line).map_err(|e| format!("bad worker report: {e}"))?;
+        c.delivered += v["received"].as_u64().unwrap_or(0);
+        c.duplicates += v["duplicates"].as_u64().unwrap_or(0);
+        c.last_us = c.last_us.max(v["last_us"].as_u64().unwrap_or(0));
+        for pair in v["timeline"].as_array().into_iter().flatten() {
+            if let (Some(t), Some(n)) = (pair[0].as_u64(), pair[1].as_u64()) {
+                *c.timeline.entry(t).or_insert(0) += n;
+            }
+        }
+        let bytes = hex::decode(v["hist"].as_str().unwrap_or("")).map_err(|e| e.to_string())?;
+        let h: Histogram<u64> = Deserializer::new().deserialize(&mut &bytes[..]).map_err(|e| format!("{e:?}"))?;
+        c.hist.add(&h).map_err(|e| format!("{e:?}"))?;
+        let _ = w.child.wait();
+    }
+    Ok(c)
 }
 
 fn read_line(w: &mut Worker) -> Result<String, String> {
@@ -525,11 +589,13 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     for system in systems {
         results.push(run_one(&args, system)?);
     }
-    // Every system's rate as a share of the physical limit, when it was measured.
-    let raw = results.iter().find(|r| r["system"] == "raw").and_then(|r| r["delivered_per_sec"].as_f64());
+    // Every system's rate as a share of the physical limit, when it was measured: for
+    // a storm, connects (handshakes included) against raw TCP accept+connect.
+    let rate_key = if args.scenario == Scenario::Storm { "connect_per_sec" } else { "delivered_per_sec" };
+    let raw = results.iter().find(|r| r["system"] == "raw").and_then(|r| r[rate_key].as_f64());
     if let Some(raw) = raw.filter(|v| *v > 0.0) {
         for r in results.iter_mut() {
-            let ratio = r["delivered_per_sec"].as_f64().unwrap_or(0.0) / raw;
+            let ratio = r[rate_key].as_f64().unwrap_or(0.0) / raw;
             r["ratio_to_raw"] = json!((ratio * 1000.0).round() / 1000.0);
         }
     }
@@ -591,13 +657,7 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     let connect_start_us = unix_us();
     let (cpu_at_connect, _) = usage().unwrap_or((0.0, 0));
     let mut workers = spawn_workers(args, system, device_addr)?;
-    let mut connected = 0u64;
-    for w in workers.iter_mut() {
-        let line = read_line(w)?;
-        let n: u64 =
-            line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).ok_or(format!("bad worker line {line:?}"))?;
-        connected += n;
-    }
+    let connected = wait_ready(&mut workers)?;
     let connect_secs = connect_start.elapsed().as_secs_f64();
     if connected < args.devices as u64 {
         return Err(format!("only {connected} of {} devices connected", args.devices));
@@ -611,6 +671,20 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     let mut idle = json!({});
     match args.scenario {
         Scenario::Offline => {}
+        Scenario::Storm => {
+            // Restart a spawned box on the same ports and connect everyone again.
+            if let Under::Ringpush(slot @ Some(_)) = &mut under {
+                stop_workers(&mut workers, &push)?;
+                let old = slot.take().expect("matched Some");
+                let (device, app) = (old.device.to_string(), old.app.to_string());
+                drop(old); // SIGTERM: devices get BYE; the ports are free again
+                *slot = Some(Spawned::start_at(args.shards, &args.set, &device, &app)?);
+                let t = Instant::now();
+                workers = spawn_workers(args, system, device_addr)?;
+                let again = wait_ready(&mut workers)?;
+                idle = json!({ "reconnected": again, "reconnect_per_sec": again as f64 / t.elapsed().as_secs_f64() });
+            }
+        }
         Scenario::Idle => {
             std::thread::sleep(args.hold);
             let (_, rss) = usage().unwrap_or((0.0, 0));
@@ -657,36 +731,11 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     }
     let (cpu1, rss_after) = usage().unwrap_or((0.0, 0));
 
-    // Stop the workers and merge what they saw.
-    let mut hist = new_hist();
-    let (mut delivered, mut duplicates) = (0u64, 0u64);
-    let mut last_us = 0u64;
-    let mut timeline = std::collections::BTreeMap::new();
-    for w in workers.iter_mut() {
-        let expect = push.expected(w.from, w.count);
-        let _ = writeln!(w.stdin, "stop {expect}");
-        let _ = w.stdin.flush();
-    }
-    for w in workers.iter_mut() {
-        let line = read_line(w)?;
-        let v: Value = serde_json::from_str(&line).map_err(|e| format!("bad worker report: {e}"))?;
-        delivered += v["received"].as_u64().unwrap_or(0);
-        duplicates += v["duplicates"].as_u64().unwrap_or(0);
-        last_us = last_us.max(v["last_us"].as_u64().unwrap_or(0));
-        for pair in v["timeline"].as_array().into_iter().flatten() {
-            if let (Some(t), Some(n)) = (pair[0].as_u64(), pair[1].as_u64()) {
-                *timeline.entry(t).or_insert(0u64) += n;
-            }
-        }
-        let bytes = hex::decode(v["hist"].as_str().unwrap_or("")).map_err(|e| e.to_string())?;
-        let h: Histogram<u64> = Deserializer::new().deserialize(&mut &bytes[..]).map_err(|e| format!("{e:?}"))?;
-        hist.add(&h).map_err(|e| format!("{e:?}"))?;
-        let _ = w.child.wait();
-    }
+    let Collected { hist, delivered, duplicates, last_us, timeline } = stop_workers(&mut workers, &push)?;
     let expected = match args.scenario {
         Scenario::Unicast | Scenario::Offline => push.accepted,
         Scenario::Broadcast => push.accepted * connected,
-        Scenario::Idle => 0,
+        Scenario::Idle | Scenario::Storm => 0,
     };
     let start_us = match args.scenario {
         Scenario::Offline => connect_start_us,

@@ -97,3 +97,12 @@ fn duration_and_rate_bound_the_run() {
     assert_eq!(r["delivered"].as_u64(), Some(sent));
     assert_eq!(r["lost"], 0);
 }
+
+#[test]
+fn storm_connects_everyone_again_after_a_restart_on_the_same_ports() {
+    let r = bench(&["storm", "--devices", "300", "--per-process", "150"]);
+    assert_eq!(r["devices"], 300);
+    assert!(r["connect_per_sec"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(r["reconnected"], 300, "everyone reconnects after the restart: {r}");
+    assert!(r["reconnect_per_sec"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+}
