@@ -15,6 +15,7 @@ SCENARIOS = [
     ("broadcast", ["--devices", "10000", "--messages", "20"], "redis,mosquitto,raw"),
     ("offline", ["--devices", "10000", "--messages", "100000"], "ringpush"),
     ("idle", ["--devices", "16000", "--hold", "3s"], "redis"),
+    ("storm", ["--devices", "10000"], "raw"),
 ]
 
 
@@ -41,6 +42,14 @@ for scenario, extra, compare in SCENARIOS:
         for r in run(scenario, extra, compare):
             rows.setdefault(r["system"], []).append(r)
     print(f"\n### {scenario}: `ringpush bench {scenario} {' '.join(extra)} --shards 2 --compare {compare}`\n")
+    if scenario == "storm":
+        print("| system | handshakes/s, all at once | ratio to raw accept+connect | after a restart, handshakes/s |")
+        print("|---|---|---|---|")
+        for system, rs in rows.items():
+            again = [r["reconnect_per_sec"] for r in rs if "reconnect_per_sec" in r]
+            print(f"| {system} | {fmt([r['connect_per_sec'] for r in rs])} | {fmt([r.get('ratio_to_raw', 0) for r in rs], 2)} | "
+                  f"{fmt(again) if again else '—'} |")
+        continue
     if scenario == "idle":
         print("| system | devices | RSS per device, bytes | kernel per socket, bytes | connects/s |")
         print("|---|---|---|---|---|")
