@@ -26,26 +26,20 @@ pub fn http_get(server: &str, path: &str) -> Result<String, String> {
     String::from_utf8(raw[body_at..].to_vec()).map_err(|_| "response is not UTF-8".into())
 }
 
-fn counter(shard: &Value, key: &str) -> u64 {
-    shard["counters"][key].as_u64().unwrap_or(0)
-}
-
-fn sum(stats: &Value, key: &str) -> u64 {
-    stats["shards"].as_array().map_or(0, |a| a.iter().map(|s| counter(s, key)).sum())
-}
-
 const ACCEPTED: &str = "ringpush_pushes_total{kind=*,result=accepted}";
 
-/// Sums a counter over the kinds when the key has `kind=*`.
-fn total(stats: &Value, key: &str) -> u64 {
+/// A shard's counter; `kind=*` in the key sums it over the push kinds.
+fn counter(shard: &Value, key: &str) -> u64 {
     if key.contains("kind=*") {
-        ["unicast", "multicast", "broadcast"]
-            .iter()
-            .map(|k| sum(stats, &key.replace("kind=*", &format!("kind={k}"))))
-            .sum()
+        crate::stats::KINDS.iter().map(|k| counter(shard, &key.replace("kind=*", &format!("kind={k}")))).sum()
     } else {
-        sum(stats, key)
+        shard["counters"][key].as_u64().unwrap_or(0)
     }
+}
+
+/// A counter summed over the shards.
+fn total(stats: &Value, key: &str) -> u64 {
+    stats["shards"].as_array().map_or(0, |a| a.iter().map(|s| counter(s, key)).sum())
 }
 
 /// Renders the summary from two samples taken `dt` apart.
@@ -99,18 +93,7 @@ pub fn render(server: &str, prev: &Value, now: &Value, dt: Duration) -> String {
     let empty = Vec::new();
     for (i, s) in now["shards"].as_array().unwrap_or(&empty).iter().enumerate() {
         let p = &prev["shards"][i];
-        let r = |key: &str| {
-            let cur: u64 = ["unicast", "multicast", "broadcast"]
-                .iter()
-                .map(|k| counter(s, &key.replace("kind=*", &format!("kind={k}"))))
-                .sum();
-            let old: u64 = ["unicast", "multicast", "broadcast"]
-                .iter()
-                .map(|k| counter(p, &key.replace("kind=*", &format!("kind={k}"))))
-                .sum();
-            cur.saturating_sub(old) as f64 / secs
-        };
-        let written = |v: &Value| counter(v, "ringpush_messages_total{event=written}");
+        let r = |key: &str| counter(s, key).saturating_sub(counter(p, key)) as f64 / secs;
         let _ = writeln!(
             out,
             "{:>5}{:>10}{:>10}{:>10}{:>10.0}{:>11.0}",
@@ -119,7 +102,7 @@ pub fn render(server: &str, prev: &Value, now: &Value, dt: Duration) -> String {
             s["devices"].as_u64().unwrap_or(0),
             s["queued_messages"].as_u64().unwrap_or(0),
             r(ACCEPTED),
-            written(s).saturating_sub(written(p)) as f64 / secs,
+            r("ringpush_messages_total{event=written}"),
         );
     }
     out
