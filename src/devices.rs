@@ -265,7 +265,6 @@ impl DeviceTable {
             d.acked = last_acked;
         }
         let replaced = d.session.replace(session);
-        d.sent_upto = d.acked;
         self.ack_upto(key, last_acked.min(self.devices[key].next_seq - 1), now_us);
         let d = &mut self.devices[key];
         d.sent_upto = d.acked;

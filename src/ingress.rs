@@ -283,6 +283,7 @@ fn handle_push(core: &Rc<ShardCore>, key: usize, p: &Push<'_>) {
     let reply_to = conn_ref(core, key);
     let push_id = core.next_push_id();
     let payload: Arc<[u8]> = Arc::from(p.payload);
+    let expiry_ms = core.now_ms() + ttl_ms;
     let mut pending = Pending {
         remaining: 0,
         push_id,
@@ -300,7 +301,7 @@ fn handle_push(core: &Rc<ShardCore>, key: usize, p: &Push<'_>) {
             request_id: p.request_id,
             push_id,
             app,
-            expiry_ms: core.now_ms() + ttl_ms,
+            expiry_ms,
             payload: Arc::clone(&payload),
             targets,
         };

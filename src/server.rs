@@ -289,9 +289,9 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
             core.begin_shutdown();
             deadline = Some(Instant::now() + core.cfg().shutdown_grace);
         }
+        // No session or app connection joins once draining (attach and the app
+        // handshake refuse them), so marking everything once is enough.
         if let Some(d) = deadline {
-            // Sessions that join during the drain (hand-overs) are told to leave too.
-            core.begin_shutdown();
             if core.drained() || Instant::now() >= d {
                 break;
             }

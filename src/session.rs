@@ -196,7 +196,7 @@ struct HelloOk {
 pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
     let started_us = mono_us();
     core.state.borrow_mut().stats.device_accepted += 1;
-    let shared = Rc::clone(&core);
+    let c = Rc::clone(&core);
     let limits = Limits { max_frame: core.cfg().max_device_frame, max_targets: 0 };
     let verify = |bytes: &[u8]| -> Result<Option<(HelloOk, usize)>, HandshakeError> {
         let Some((frame, used)) = DeviceFrame::decode(bytes, &limits)? else {
@@ -205,9 +205,9 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
         let DeviceFrame::Hello(h) = frame else {
             return Err(HandshakeError::new(ErrorCode::UNEXPECTED_FRAME, "first frame must be HELLO"));
         };
-        let app = find_app(&shared, h.app_id)?;
-        let now_secs = shared.now_ms() / 1000;
-        DeviceToken(h.token).verify(shared.shared.secret(app), h.app_id, h.device_id, now_secs)?;
+        let app = find_app(&c, h.app_id)?;
+        let now_secs = c.now_ms() / 1000;
+        DeviceToken(h.token).verify(c.shared.secret(app), h.app_id, h.device_id, now_secs)?;
         Ok(Some((HelloOk { app, device: h.device_id.to_string(), last_acked: h.last_acked_seq }, used)))
     };
     let res = read_handshake(&core, &mut stream, Role::Device, limits.max_frame, verify).await;

@@ -267,32 +267,39 @@ impl ShardCore {
 
     /// Applies a push to this shard's devices; wakes the sessions that got mail.
     pub fn apply_push(&self, p: &PushReq) -> Result<u64, ErrorCode> {
-        let mut wake = Vec::new();
         let now_us = mono_us();
-        let result = {
-            let st = &mut *self.state.borrow_mut();
-            match &p.targets {
-                Targets::App => Ok(st.table.broadcast(p.app, p.push_id, p.expiry_ms, &p.payload, &mut wake, now_us)),
-                Targets::Devices(ids) => {
-                    let (mut ok, mut err) = (0u64, None);
-                    for id in ids {
-                        match st.table.enqueue_to(p.app, id, p.push_id, p.expiry_ms, &p.payload, now_us) {
-                            Ok(s) => {
-                                ok += 1;
-                                wake.extend(s);
-                            }
-                            Err(e) => err = Some(e),
-                        }
-                    }
-                    match (ok, err) {
-                        (0, Some(e)) => Err(e),
-                        _ => Ok(ok),
-                    }
-                }
+        let st = &mut *self.state.borrow_mut();
+        let ShardState { table, sessions, .. } = st;
+        // Waking only schedules the session task, so it can happen under the borrow.
+        let wake = |key: usize| {
+            if let Some(w) = sessions.get(key).and_then(|s| s.waker.as_ref()) {
+                w.wake_by_ref();
             }
         };
-        self.wake_sessions(&wake);
-        result
+        match &p.targets {
+            Targets::App => {
+                let mut keys = Vec::new();
+                let n = table.broadcast(p.app, p.push_id, p.expiry_ms, &p.payload, &mut keys, now_us);
+                keys.into_iter().for_each(wake);
+                Ok(n)
+            }
+            Targets::Devices(ids) => {
+                let (mut ok, mut err) = (0u64, None);
+                for id in ids {
+                    match table.enqueue_to(p.app, id, p.push_id, p.expiry_ms, &p.payload, now_us) {
+                        Ok(session) => {
+                            ok += 1;
+                            session.into_iter().for_each(wake);
+                        }
+                        Err(e) => err = Some(e),
+                    }
+                }
+                match (ok, err) {
+                    (0, Some(e)) => Err(e),
+                    _ => Ok(ok),
+                }
+            }
+        }
     }
 
     pub fn wake_sessions(&self, keys: &[usize]) {
