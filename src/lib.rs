@@ -41,6 +41,7 @@ pub mod session;
 pub mod shard;
 pub mod stats;
 pub mod stats_cli;
+pub mod store;
 pub mod timer;
 
 pub use ringpush_protocol as protocol;
