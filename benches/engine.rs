@@ -2,10 +2,10 @@
 //! enqueue → encode → ack cycle. Run: `cargo bench --bench engine`.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use ringpush::devices::{DeviceTable, QueueLimits};
+use ringpush::devices::{DeviceTable, QueueLimits, TableOptions};
+use ringpush::store::StoreOptions;
 use ringpush::routing::shard_for;
 use ringpush::timer::TimerWheel;
-use std::sync::Arc;
 
 fn placement(c: &mut Criterion) {
     let ids: Vec<String> = (0..1024).map(|i| format!("device-{i:06}")).collect();
@@ -39,14 +39,17 @@ fn wheel(c: &mut Criterion) {
 
 fn table(c: &mut Criterion) {
     let limits = QueueLimits { window: 64, max_msgs: 4096, max_bytes: 1 << 24 };
-    let mut t = DeviceTable::new(1, limits, 65_536, 0, true);
-    let keys: Vec<usize> = (0..1000).map(|i| t.attach(0, &format!("d{i}"), 0, i, 0).device).collect();
-    let payload: Arc<[u8]> = Arc::from(vec![0u8; 64]);
+    let opts = TableOptions { limits, receipts: 65_536, cache_msgs: usize::MAX, latencies: true };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sopts = StoreOptions { segment_bytes: 64 << 20, max_bytes: u64::MAX };
+    let mut t = DeviceTable::open(dir.path(), sopts, vec!["a".into()], opts, 0).expect("store opens");
+    let keys: Vec<usize> = (0..1000).map(|i| t.attach(0, &format!("d{i}"), 0, 0, i, 0, 0).device).collect();
+    let payload = vec![0u8; 64];
     let mut out = Vec::with_capacity(1 << 20);
     let mut g = c.benchmark_group("device_table");
     g.throughput(Throughput::Elements(keys.len() as u64));
     let mut push_id = 0;
-    g.bench_function("enqueue_fill_ack_1000_devices", |b| {
+    g.bench_function("store_fill_ack_1000_devices", |b| {
         b.iter(|| {
             out.clear();
             for &k in &keys {
@@ -54,8 +57,10 @@ fn table(c: &mut Criterion) {
                 t.enqueue(k, push_id, u64::MAX, &payload, 0).unwrap();
                 t.fill(k, 1, 5, &mut out, usize::MAX);
                 let acked = t.device(k).acked();
-                t.on_ack(k, acked + 1, 9);
+                t.on_ack(k, acked + 1, 0, 9);
             }
+            let dead = t.store.dead_segments();
+            t.store.delete(&dead).unwrap();
             black_box(out.len())
         })
     });

@@ -936,14 +936,16 @@ async fn ringpush_device(
     let token = DeviceToken::mint(secret.as_bytes(), APP, &id, expiry);
     let mut dev = with_retries(permits, || DeviceClient::connect(server, APP, &id, token, 0)).await?;
     rx.connected(permits);
-    let mut last = 0u64;
+    // Highest unicast and broadcast seq seen (the two streams are numbered apart).
+    let (mut last, mut blast) = (0u64, 0u64);
     while let Ok(ev) = dev.next_event().await {
         match ev {
             DeviceEvent::Message(m) => {
-                rx.record(&m.payload, m.seq <= last);
-                last = last.max(m.seq);
+                let seen = if m.broadcast { &mut blast } else { &mut last };
+                rx.record(&m.payload, m.seq <= *seen);
+                *seen = (*seen).max(m.seq);
                 // Coalesced acks: one per burst of buffered messages.
-                if !dev.has_buffered_frame() && dev.ack(last).await.is_err() {
+                if !dev.has_buffered_frame() && dev.ack_both(last, blast).await.is_err() {
                     break;
                 }
             }

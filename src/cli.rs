@@ -261,11 +261,13 @@ async fn device(a: DeviceArgs) -> Result<(), String> {
         (None, Some(s)) => DeviceToken::mint(s.as_bytes(), &a.app, &a.device, unix_ms() / 1000 + 86_400),
         (None, None) => return Err("give --token or --secret".into()),
     };
-    let mut last_acked = 0u64;
+    // Highest unicast and broadcast seq processed, stated on every reconnect.
+    let (mut last_acked, mut cursor) = (0u64, 0u64);
     let mut received = 0u64;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let mut dev = match DeviceClient::connect(a.server.as_str(), &a.app, &a.device, token, last_acked).await {
+        let connecting = DeviceClient::connect_resume(a.server.as_str(), &a.app, &a.device, token, last_acked, cursor);
+        let mut dev = match connecting.await {
             Ok(d) => d,
             Err(ClientError::Server { code, message }) => return Err(format!("server refused: {code}: {message}")),
             Err(e) => {
@@ -277,6 +279,7 @@ async fn device(a: DeviceArgs) -> Result<(), String> {
         };
         backoff = Duration::from_millis(100);
         last_acked = last_acked.max(dev.welcome.acked_seq);
+        cursor = cursor.max(dev.welcome.broadcast_cursor);
         let heartbeat = Duration::from_millis(dev.welcome.heartbeat_ms as u64);
         loop {
             let ev = glommio::timer::timeout(heartbeat, async { Ok(dev.next_event().await) }).await;
@@ -296,15 +299,16 @@ async fn device(a: DeviceArgs) -> Result<(), String> {
             };
             match ev {
                 DeviceEvent::Message(m) => {
-                    if m.seq <= last_acked {
+                    let seen = if m.broadcast { &mut cursor } else { &mut last_acked };
+                    if m.seq <= *seen {
                         continue; // a redelivery we already printed
                     }
-                    last_acked = m.seq;
+                    *seen = m.seq;
                     received += 1;
                     let mut out = std::io::stdout().lock();
                     if a.json {
                         let line = serde_json::json!({
-                            "seq": m.seq, "push_id": m.push_id, "expiry_ms": m.expiry_ms,
+                            "seq": m.seq, "broadcast": m.broadcast, "push_id": m.push_id, "expiry_ms": m.expiry_ms,
                             "received_ms": unix_ms(), "payload": String::from_utf8_lossy(&m.payload),
                         });
                         let _ = writeln!(out, "{line}");
@@ -313,11 +317,11 @@ async fn device(a: DeviceArgs) -> Result<(), String> {
                     }
                     let _ = out.flush();
                     // Coalesce: ack once per burst of buffered messages.
-                    if !dev.has_buffered_frame() && dev.ack(last_acked).await.is_err() {
+                    if !dev.has_buffered_frame() && dev.ack_both(last_acked, cursor).await.is_err() {
                         break;
                     }
                     if a.count.is_some_and(|c| received >= c) {
-                        let _ = dev.ack(last_acked).await;
+                        let _ = dev.ack_both(last_acked, cursor).await;
                         let _ = dev.close().await;
                         return Ok(());
                     }

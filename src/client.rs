@@ -187,13 +187,26 @@ impl DeviceClient {
         token: DeviceToken,
         last_acked: u64,
     ) -> Result<DeviceClient, ClientError> {
+        Self::connect_resume(addr, app, device, token, last_acked, 0).await
+    }
+
+    /// Like [`DeviceClient::connect`], also stating the highest broadcast seq the
+    /// device has processed (`cursor`), so broadcasts resume after it.
+    pub async fn connect_resume(
+        addr: impl ToSocketAddrs,
+        app: &str,
+        device: &str,
+        token: DeviceToken,
+        last_acked: u64,
+        cursor: u64,
+    ) -> Result<DeviceClient, ClientError> {
         let mut hello = Vec::with_capacity(256);
         DeviceFrame::Hello(Hello {
             app_id: app,
             device_id: device,
             token: token.0,
             last_acked_seq: last_acked,
-            broadcast_cursor: 0,
+            broadcast_cursor: cursor,
             capabilities: 0,
         })
         .encode(&mut hello);
@@ -256,9 +269,14 @@ impl DeviceClient {
         matches!(device_len(&self.conn.buf[self.conn.start..], &self.conn.limits), Ok(Some(_)))
     }
 
-    /// Cumulative ACK of every message with seq ≤ `seq`.
+    /// Cumulative ACK of every unicast message with seq ≤ `seq`.
     pub async fn ack(&mut self, seq: u64) -> Result<(), ClientError> {
         self.send(DeviceFrame::Ack(Ack { seq, broadcast_seq: 0 })).await
+    }
+
+    /// Cumulative ACK of both streams: unicast seq ≤ `seq`, broadcast seq ≤ `bseq`.
+    pub async fn ack_both(&mut self, seq: u64, bseq: u64) -> Result<(), ClientError> {
+        self.send(DeviceFrame::Ack(Ack { seq, broadcast_seq: bseq })).await
     }
 
     pub async fn ping(&mut self, nonce: u64) -> Result<(), ClientError> {

@@ -15,6 +15,20 @@ pub struct AppConfig {
     pub secret: String,
 }
 
+/// When the app's ACCEPTED is sent, relative to the disk.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Each push is flushed (`fdatasync`) before its reply; concurrent pushes share
+    /// a flush.
+    Sync,
+    /// Pushes accepted within `group_commit` share one flush; replies wait for it.
+    Batched,
+    /// No flush before the reply: survives a process crash (the page cache holds
+    /// the writes), not a power loss or kernel crash. For benchmarks.
+    Memory,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -70,6 +84,18 @@ pub struct Config {
     /// Time to finish in-flight work after SIGTERM before exiting anyway.
     #[serde(with = "serde_str")]
     pub shutdown_grace: Duration,
+    /// When an accepted push is on disk: `sync`, `batched` (group commit) or `memory`.
+    pub durability: Durability,
+    /// `batched`: how long a flush waits to gather more pushes (replies wait for it).
+    #[serde(with = "serde_str")]
+    pub group_commit: Duration,
+    /// Size of one store segment file.
+    pub segment_bytes: u64,
+    /// Disk the store may use over all shards (0: as much as the disk has).
+    pub store_max_bytes: u64,
+    /// Heap for queued-message references over all shards; devices beyond it are
+    /// evicted (least recently used first) and read back from the store when needed.
+    pub cache_bytes: u64,
     /// Apps allowed to push. An app `demo` is added, with a secret generated and kept
     /// in the data dir, when no app of that name is configured.
     pub apps: Vec<AppConfig>,
@@ -100,6 +126,11 @@ impl Default for Config {
             auth_skew: Duration::from_secs(300),
             metrics: true,
             shutdown_grace: Duration::from_secs(5),
+            durability: Durability::Batched,
+            group_commit: Duration::from_millis(2),
+            segment_bytes: 64 * 1024 * 1024,
+            store_max_bytes: 0,
+            cache_bytes: 256 * 1024 * 1024,
             apps: Vec::new(),
         }
     }
@@ -128,7 +159,11 @@ impl Config {
         if self.apps.len() > u16::MAX as usize {
             return Err("apps: at most 65535 apps".into());
         }
-        let checks: [(&str, bool); 8] = [
+        let record_max = self.max_app_frame as u64 + 1024;
+        let checks: [(&str, bool); 11] = [
+            ("segment_bytes", self.segment_bytes >= 64 * 1024 && self.segment_bytes >= 2 * record_max),
+            ("segment_bytes", self.segment_bytes <= u32::MAX as u64),
+            ("group_commit", self.group_commit <= Duration::from_secs(1)),
             ("heartbeat", self.heartbeat >= Duration::from_millis(100)),
             ("window", self.window >= 1),
             ("max_queued_per_device", self.max_queued_per_device >= self.window),

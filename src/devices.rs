@@ -1,33 +1,54 @@
-//! A shard's device table: per-device message queues, seqs, acks, TTL expiry and push
-//! receipts. Pure state, no I/O and no clock of its own (callers pass `now_ms`), so
-//! every rule here is unit-tested directly.
+//! A shard's device table: the device registry, per-device message queues, the
+//! per-app broadcast logs, acks, TTL expiry, push receipts, and the LRU that bounds
+//! how many queued-message references stay on the heap. No I/O of its own beyond the
+//! store's mapped memory and no clock (callers pass `now_ms`), so every rule here is
+//! unit-tested directly.
 //!
-//! Runs on its owner shard only. Payloads are `Arc<[u8]>` so a multicast or broadcast
-//! stores its payload once, however many devices it reaches; the Arc is only touched
-//! by the owner shard after the hand-over, so its refcount is never contended.
+//! Runs on its owner shard only.
 //!
-//! Per device: `acked` ≤ `sent_upto` < `next_seq`. `queue` holds every message with
-//! seq > acked, in seq order; those with seq ≤ `sent_upto` are in flight on the current
-//! session. A new session resets `sent_upto` to `acked`, so unacked messages are sent
-//! again (at-least-once; devices de-duplicate by seq).
+//! ## Unicast and multicast
+//! Per device: `acked` ≤ `sent_upto` < `next_seq`. Every message is a record in the
+//! store (payload included) that links to the device's previous message record, so the
+//! device's pending messages can be found from its newest one (`tail`). When the
+//! device is *hot* its queue of references (seq, expiry, record location: no payload)
+//! is in memory; when the LRU evicts it, only the registry fields stay and the queue
+//! is rebuilt from the chain when needed. A new session resets `sent_upto` to `acked`,
+//! so unacked messages are sent again (at-least-once; devices de-duplicate by seq).
+//!
+//! A message that expires while older ones are still pending stays in the queue as a
+//! dead entry (never sent) and keeps its record, so the chain on disk stays whole;
+//! records are released only from the front of a queue (by ack or expiry).
+//!
+//! ## Broadcast
+//! A broadcast is stored once per app (per shard) in the app's log with its own
+//! sequence (`bseq`). A device's `cursor` is the highest bseq it acked; a device that
+//! registers starts at the log's head, so it gets broadcasts sent after it appeared.
+//! An entry is released when every device counted at send time acked it, or when it
+//! expires.
 
 use crate::stats::{CounterRow, Hist};
+use crate::store::{BroadcastRec, DeviceRec, Loc, MessageRec, Record, Store, StoreError, NO_LOC};
 use crate::timer::TimerWheel;
-use ringpush_protocol::device::{encode_message, Message};
+use ringpush_protocol::device::{encode_message, Message, FLAG_BROADCAST};
 use ringpush_protocol::{ErrorCode, Receipt};
 use slab::Slab;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 
-/// One message waiting for (or in flight to) one device.
-#[derive(Clone, Debug)]
+const NIL: usize = usize::MAX;
+
+/// A reference to one message waiting for (or in flight to) one device.
+#[derive(Clone, Copy, Debug)]
 pub struct QueuedMsg {
     pub seq: u64,
     pub push_id: u64,
     pub expiry_ms: u64,
     /// When the owner shard took it (monotonic µs), for latency histograms.
     pub enqueued_us: u64,
-    pub payload: Arc<[u8]>,
+    /// The message's record in the store.
+    pub loc: Loc,
+    pub len: u32,
+    /// Expired while older messages were pending: never sent, released at the front.
+    pub dead: bool,
 }
 
 #[derive(Debug)]
@@ -38,17 +59,34 @@ pub struct Device {
     next_seq: u64,
     /// Highest seq the device acked (cumulative).
     acked: u64,
+    /// Highest seq whose record was released from the front of the queue.
+    floor: u64,
     /// Highest seq written to the current session.
     sent_upto: u64,
     /// Highest seq ever written to any session (to count redeliveries).
     max_sent: u64,
-    /// Messages with seq > acked, in seq order.
+    /// Highest broadcast seq the device acked, and the highest sent on this session.
+    cursor: u64,
+    bsent: u64,
+    /// Queue of references, valid while `loaded` (hot).
     queue: VecDeque<QueuedMsg>,
+    loaded: bool,
+    /// When the device went cold (its expired messages were all dropped by then).
+    cold_since_ms: u64,
+    /// The newest message record, start of the chain to the older ones.
+    tail: Loc,
+    /// Live (not dead) messages pending and their payload bytes, hot or cold.
+    pending: u32,
     queued_bytes: u64,
+    /// The device's newest registry record.
+    dev_loc: Loc,
+    last_seen_ms: u64,
     /// Slab key of the session serving this device, if connected.
     pub session: Option<usize>,
     /// Deadline currently armed in the expiry wheel (u64::MAX: none).
     expiry_armed: u64,
+    lru_prev: usize,
+    lru_next: usize,
 }
 
 impl Device {
@@ -56,14 +94,16 @@ impl Device {
         self.acked
     }
 
-    pub fn pending(&self) -> usize {
-        self.queue.len()
+    pub fn cursor(&self) -> u64 {
+        self.cursor
     }
 
-    /// True when the session has something to write within the window.
-    pub fn has_unsent(&self, window: u32) -> bool {
-        let inflight = self.queue.partition_point(|m| m.seq <= self.sent_upto);
-        inflight < self.queue.len() && inflight < window as usize
+    pub fn pending(&self) -> usize {
+        self.pending as usize
+    }
+
+    pub fn is_hot(&self) -> bool {
+        self.loaded
     }
 }
 
@@ -75,6 +115,18 @@ pub struct QueueLimits {
     pub max_bytes: u64,
 }
 
+/// How a table is sized.
+#[derive(Clone, Copy, Debug)]
+pub struct TableOptions {
+    pub limits: QueueLimits,
+    /// Push receipts kept (oldest forgotten first).
+    pub receipts: usize,
+    /// Queued-message references kept on the heap before cold devices are evicted.
+    pub cache_msgs: usize,
+    /// Record latency histograms.
+    pub latencies: bool,
+}
+
 /// What attaching a session found.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Attached {
@@ -82,6 +134,7 @@ pub struct Attached {
     /// The session this one replaces (it must get BYE `replaced`).
     pub replaced: Option<usize>,
     pub acked: u64,
+    pub cursor: u64,
     pub pending: u32,
 }
 
@@ -158,6 +211,11 @@ pub struct TableStats {
     pub acked: u64,
     pub expired: u64,
     pub rejected_full: u64,
+    pub broadcasts: u64,
+    pub store_errors: u64,
+    pub evictions: u64,
+    pub loads: u64,
+    pub compacted_records: u64,
 }
 
 impl TableStats {
@@ -171,14 +229,46 @@ impl TableStats {
             (m, vec![("event", "acked")], self.acked),
             (m, vec![("event", "expired")], self.expired),
             (m, vec![("event", "rejected_queue_full")], self.rejected_full),
+            (m, vec![("event", "broadcast_stored")], self.broadcasts),
+            ("ringpush_store_errors_total", vec![], self.store_errors),
+            ("ringpush_cache_evictions_total", vec![], self.evictions),
+            ("ringpush_cache_loads_total", vec![], self.loads),
+            ("ringpush_store_compacted_records_total", vec![], self.compacted_records),
         ]
     }
+}
+
+/// One broadcast in an app's log.
+#[derive(Clone, Copy, Debug)]
+struct BEntry {
+    bseq: u64,
+    push_id: u64,
+    expiry_ms: u64,
+    enqueued_us: u64,
+    loc: Loc,
+    /// Devices counted at send time that have not acked it yet.
+    remaining: u64,
+    /// Released (all acked, or expired): never sent again.
+    live: bool,
+}
+
+#[derive(Default)]
+struct AppLog {
+    entries: VecDeque<BEntry>,
+    next_bseq: u64,
+    /// Devices of the app this shard knows.
+    devices: u64,
+    /// The newest head record (`next_bseq` kept across an empty log).
+    head_loc: Loc,
 }
 
 pub struct DeviceTable {
     devices: Slab<Device>,
     /// Per app index: device id → slab key.
     index: Vec<HashMap<Box<str>, usize>>,
+    /// App ids, by app index (records name apps by id, so config order may change).
+    apps: Vec<Box<str>>,
+    logs: Vec<AppLog>,
     receipts: Receipts,
     expiry: TimerWheel<usize>,
     limits: QueueLimits,
@@ -187,25 +277,179 @@ pub struct DeviceTable {
     pub write_lat: Hist,
     /// Push taken → acked by the device.
     pub ack_lat: Hist,
-    /// Messages queued over all devices.
+    /// Live messages queued over all devices.
     queued: u64,
     fired: Vec<usize>,
+    pub store: Store,
+    /// Scratch for encoding record heads.
+    head: Vec<u8>,
+    cache_msgs: usize,
+    /// References held by hot queues.
+    hot_msgs: usize,
+    lru_head: usize,
+    lru_tail: usize,
+    /// Store failures since the last one was logged (one line per burst, not per push).
+    quiet_errors: u64,
 }
 
 impl DeviceTable {
-    pub fn new(apps: usize, limits: QueueLimits, receipts: usize, now_ms: u64, latencies: bool) -> Self {
+    /// An empty table over a closed store (a shard's placeholder until recovery).
+    pub fn new(apps: Vec<Box<str>>, opts: TableOptions, now_ms: u64) -> Self {
+        let n = apps.len();
         DeviceTable {
             devices: Slab::new(),
-            index: (0..apps).map(|_| HashMap::new()).collect(),
-            receipts: Receipts::new(receipts),
+            index: (0..n).map(|_| HashMap::new()).collect(),
+            apps,
+            logs: (0..n).map(|_| AppLog { next_bseq: 1, head_loc: NO_LOC, ..AppLog::default() }).collect(),
+            receipts: Receipts::new(opts.receipts),
             // 1 s ticks, 4096 slots: a turn is ~68 min; longer TTLs wait their round.
             expiry: TimerWheel::new(4096, 1000, now_ms),
-            limits,
+            limits: opts.limits,
             stats: TableStats::default(),
-            write_lat: Hist::new(latencies),
-            ack_lat: Hist::new(latencies),
+            write_lat: Hist::new(opts.latencies),
+            ack_lat: Hist::new(opts.latencies),
             queued: 0,
             fired: Vec::new(),
+            store: Store::closed(),
+            head: Vec::with_capacity(256),
+            cache_msgs: opts.cache_msgs,
+            hot_msgs: 0,
+            lru_head: NIL,
+            lru_tail: NIL,
+            quiet_errors: 0,
+        }
+    }
+
+    /// Opens the store in `dir` and rebuilds the registry, queues and broadcast logs
+    /// from it. Expired messages are dropped; devices beyond the cache bound start cold.
+    pub fn open(
+        dir: &std::path::Path,
+        sopts: crate::store::StoreOptions,
+        apps: Vec<Box<str>>,
+        opts: TableOptions,
+        now_ms: u64,
+    ) -> Result<Self, StoreError> {
+        let mut t = DeviceTable::new(apps, opts, now_ms);
+        let by_id: HashMap<Box<str>, u16> = t.apps.iter().enumerate().map(|(i, a)| (a.clone(), i as u16)).collect();
+        let mut tail_seq: Vec<u64> = Vec::new();
+        let mut orphans = 0u64;
+        let store = Store::open(dir, sopts, |loc, rec| {
+            let app_of = |id: &str| by_id.get(id).copied();
+            match rec {
+                Record::Device(r) => match app_of(r.app) {
+                    Some(app) => {
+                        let k = t.insert_raw(app, r.id);
+                        let d = &mut t.devices[k];
+                        d.next_seq = d.next_seq.max(r.next_seq);
+                        d.acked = d.acked.max(r.acked);
+                        d.cursor = d.cursor.max(r.cursor);
+                        d.last_seen_ms = r.last_seen_ms;
+                        d.dev_loc = loc;
+                    }
+                    None => orphans += 1,
+                },
+                Record::Message(m) => match app_of(m.app) {
+                    Some(app) => {
+                        let k = t.insert_raw(app, m.id);
+                        tail_seq.resize(tail_seq.len().max(k + 1), 0);
+                        let d = &mut t.devices[k];
+                        d.next_seq = d.next_seq.max(m.seq + 1);
+                        if m.seq >= tail_seq[k] {
+                            tail_seq[k] = m.seq;
+                            d.tail = loc;
+                        }
+                    }
+                    None => orphans += 1,
+                },
+                Record::Broadcast(b) => match app_of(b.app) {
+                    Some(app) => t.logs[app as usize].entries.push_back(BEntry {
+                        bseq: b.bseq,
+                        push_id: b.push_id,
+                        expiry_ms: b.expiry_ms,
+                        enqueued_us: crate::clock::mono_us(),
+                        loc,
+                        remaining: 0,
+                        live: true,
+                    }),
+                    None => orphans += 1,
+                },
+                Record::Head { app, next_bseq } => match app_of(app) {
+                    Some(app) => {
+                        let log = &mut t.logs[app as usize];
+                        log.next_bseq = log.next_bseq.max(next_bseq);
+                        log.head_loc = loc;
+                    }
+                    None => orphans += 1,
+                },
+            }
+        })?;
+        if orphans > 0 {
+            tracing::warn!("store {}: {orphans} records of apps no longer configured ignored", dir.display());
+        }
+        t.store = store;
+        t.finish_recovery(now_ms);
+        Ok(t)
+    }
+
+    /// After the scan: retain what is still needed, rebuild queues, broadcast counts.
+    fn finish_recovery(&mut self, now_ms: u64) {
+        let keys: Vec<usize> = self.devices.iter().map(|(k, _)| k).collect();
+        for &k in &keys {
+            let d = &mut self.devices[k];
+            d.floor = d.acked;
+            d.next_seq = d.next_seq.max(d.acked + 1);
+            if d.dev_loc != NO_LOC {
+                self.store.retain(d.dev_loc);
+            }
+            let q = self.walk(k, now_ms);
+            let d = &mut self.devices[k];
+            let mut min_expiry = u64::MAX;
+            for m in &q {
+                self.store.retain(m.loc);
+                if m.dead {
+                    self.stats.expired += 1;
+                } else {
+                    d.pending += 1;
+                    d.queued_bytes += m.len as u64;
+                    min_expiry = min_expiry.min(m.expiry_ms);
+                }
+            }
+            self.queued += d.pending as u64;
+            d.queue = q;
+            d.loaded = true;
+            self.hot_msgs += d.queue.len();
+            if min_expiry != u64::MAX {
+                d.expiry_armed = min_expiry;
+                self.expiry.insert(k, min_expiry);
+            }
+            self.trim_front(k);
+            self.lru_touch(k);
+            self.evict_over_bound(now_ms);
+        }
+        for app in 0..self.logs.len() {
+            let mut cursors: Vec<u64> =
+                self.index[app].values().map(|&k| self.devices[k].cursor).collect::<Vec<_>>();
+            cursors.sort_unstable();
+            let log = &mut self.logs[app];
+            let mut v: Vec<BEntry> = log.entries.drain(..).collect();
+            // Compaction may have copied an entry: the later copy is the one kept.
+            v.sort_by_key(|e| e.bseq);
+            v.reverse();
+            v.dedup_by_key(|e| e.bseq);
+            v.reverse();
+            let max_cursor = cursors.last().copied().unwrap_or(0);
+            log.next_bseq = log.next_bseq.max(v.last().map_or(0, |e| e.bseq) + 1).max(max_cursor + 1);
+            log.devices = cursors.len() as u64;
+            for mut e in v {
+                e.remaining = cursors.partition_point(|&c| c < e.bseq) as u64;
+                if e.expiry_ms > now_ms && e.remaining > 0 {
+                    self.store.retain(e.loc);
+                    log.entries.push_back(e);
+                }
+            }
+            if log.head_loc != NO_LOC {
+                self.store.retain(log.head_loc);
+            }
         }
     }
 
@@ -217,9 +461,19 @@ impl DeviceTable {
         self.devices.is_empty()
     }
 
-    /// Messages queued over all devices of this shard.
+    /// Live messages queued over all devices of this shard.
     pub fn queued(&self) -> u64 {
         self.queued
+    }
+
+    /// Broadcasts kept in the logs of this shard.
+    pub fn broadcasts_kept(&self) -> u64 {
+        self.logs.iter().map(|l| l.entries.iter().filter(|e| e.live).count() as u64).sum()
+    }
+
+    /// Queued-message references on the heap.
+    pub fn hot_msgs(&self) -> usize {
+        self.hot_msgs
     }
 
     pub fn device(&self, key: usize) -> &Device {
@@ -234,7 +488,27 @@ impl DeviceTable {
         self.receipts.get(push_id)
     }
 
-    fn find_or_insert(&mut self, app: u16, id: &str) -> usize {
+    fn store_error(&mut self, e: StoreError) -> ErrorCode {
+        self.stats.store_errors += 1;
+        self.quiet_errors += 1;
+        if self.quiet_errors == 1 {
+            tracing::error!("{e}; pushes are refused until the store has room");
+        }
+        match e {
+            StoreError::Full(_) => ErrorCode::STORAGE_FULL,
+            StoreError::Io(_) => ErrorCode::INTERNAL,
+        }
+    }
+
+    fn store_ok(&mut self) {
+        if self.quiet_errors > 0 {
+            tracing::info!("store accepts writes again ({} refused meanwhile)", self.quiet_errors);
+            self.quiet_errors = 0;
+        }
+    }
+
+    /// A registry entry with no record written (recovery, and the start of `register`).
+    fn insert_raw(&mut self, app: u16, id: &str) -> usize {
         if let Some(k) = self.find(app, id) {
             return k;
         }
@@ -243,70 +517,314 @@ impl DeviceTable {
             id: id.into(),
             next_seq: 1,
             acked: 0,
+            floor: 0,
             sent_upto: 0,
             max_sent: 0,
+            cursor: 0,
+            bsent: 0,
             queue: VecDeque::new(),
+            loaded: true,
+            cold_since_ms: 0,
+            tail: NO_LOC,
+            pending: 0,
             queued_bytes: 0,
+            dev_loc: NO_LOC,
+            last_seen_ms: 0,
             session: None,
             expiry_armed: u64::MAX,
+            lru_prev: NIL,
+            lru_next: NIL,
         });
         self.index[app as usize].insert(id.into(), key);
         key
     }
 
-    /// Binds `session` to the device after a valid HELLO. `last_acked` is the device's
-    /// own view: it releases messages the server had not seen acked, and for a device
-    /// this server has never seen it continues the seq numbering after it.
-    pub fn attach(&mut self, app: u16, id: &str, last_acked: u64, session: usize, now_us: u64) -> Attached {
-        let key = self.find_or_insert(app, id);
-        let d = &mut self.devices[key];
-        if d.queue.is_empty() && d.next_seq <= last_acked {
-            d.next_seq = last_acked + 1;
-            d.acked = last_acked;
+    /// Finds or registers a device; a new one starts at its app's broadcast head.
+    fn register(&mut self, app: u16, id: &str, now_ms: u64) -> usize {
+        if let Some(k) = self.find(app, id) {
+            return k;
         }
-        let replaced = d.session.replace(session);
-        self.ack_upto(key, last_acked.min(self.devices[key].next_seq - 1), now_us);
-        let d = &mut self.devices[key];
-        d.sent_upto = d.acked;
-        Attached { device: key, replaced, acked: d.acked, pending: d.queue.len() as u32 }
+        let k = self.insert_raw(app, id);
+        let log = &mut self.logs[app as usize];
+        log.devices += 1;
+        let d = &mut self.devices[k];
+        d.cursor = log.next_bseq - 1;
+        d.bsent = d.cursor;
+        d.last_seen_ms = now_ms;
+        self.persist(k);
+        k
     }
 
-    /// Unbinds `session` (if it is still the device's); in-flight messages will be
-    /// sent again on the next session.
-    pub fn detach(&mut self, key: usize, session: usize) {
-        if let Some(d) = self.devices.get_mut(key) {
-            if d.session == Some(session) {
-                d.session = None;
-                d.sent_upto = d.acked;
+    /// Writes the device's registry record (best effort: a lost one costs a
+    /// redelivery, never a message, because the device states its own acks in HELLO).
+    fn persist(&mut self, key: usize) {
+        let DeviceTable { devices, apps, store, head, .. } = self;
+        let d = &devices[key];
+        let rec = Record::Device(DeviceRec {
+            app: &apps[d.app as usize],
+            id: &d.id,
+            next_seq: d.next_seq,
+            acked: d.acked,
+            cursor: d.cursor,
+            last_seen_ms: d.last_seen_ms,
+        });
+        match store.append(&rec, head) {
+            Ok(l) => {
+                let old = std::mem::replace(&mut devices[key].dev_loc, l);
+                self.store.release(old);
+            }
+            Err(e) => {
+                self.store_error(e);
             }
         }
     }
 
-    /// Queues a message for a known device key. Returns the device's session to wake.
+    // --- LRU over hot queues -------------------------------------------------
+
+    fn lru_unlink(&mut self, k: usize) {
+        let (p, n) = (self.devices[k].lru_prev, self.devices[k].lru_next);
+        if p != NIL {
+            self.devices[p].lru_next = n;
+        } else if self.lru_head == k {
+            self.lru_head = n;
+        } else {
+            return; // not linked
+        }
+        if n != NIL {
+            self.devices[n].lru_prev = p;
+        } else {
+            self.lru_tail = p;
+        }
+        let d = &mut self.devices[k];
+        d.lru_prev = NIL;
+        d.lru_next = NIL;
+    }
+
+    /// Marks a hot device most recently used.
+    fn lru_touch(&mut self, k: usize) {
+        if self.lru_head == k {
+            return;
+        }
+        self.lru_unlink(k);
+        let old = self.lru_head;
+        self.devices[k].lru_next = old;
+        if old != NIL {
+            self.devices[old].lru_prev = k;
+        } else {
+            self.lru_tail = k;
+        }
+        self.lru_head = k;
+    }
+
+    /// Evicts least recently used, unconnected devices while the hot queues hold more
+    /// references than the cache bound. Looks at a bounded number of entries per call.
+    fn evict_over_bound(&mut self, now_ms: u64) {
+        let mut k = self.lru_tail;
+        let mut budget = 64;
+        while self.hot_msgs > self.cache_msgs && k != NIL && budget > 0 {
+            budget -= 1;
+            let prev = self.devices[k].lru_prev;
+            if self.devices[k].session.is_none() {
+                self.evict(k, now_ms);
+            }
+            k = prev;
+        }
+    }
+
+    fn evict(&mut self, k: usize, now_ms: u64) {
+        self.drop_expired(k, now_ms);
+        self.lru_unlink(k);
+        let d = &mut self.devices[k];
+        if d.queue.is_empty() {
+            // Nothing to rebuild later: stay "loaded" with an empty queue.
+            d.queue = VecDeque::new();
+            return;
+        }
+        self.hot_msgs -= d.queue.len();
+        d.queue = VecDeque::new();
+        d.loaded = false;
+        d.cold_since_ms = now_ms;
+        self.stats.evictions += 1;
+    }
+
+    /// Reads a device's queue back from the chain of records (newest to oldest),
+    /// stopping at what was already acked or released. Entries expired by `now_ms`
+    /// are marked dead.
+    fn walk(&self, k: usize, now_ms: u64) -> VecDeque<QueuedMsg> {
+        let now_us = crate::clock::mono_us();
+        let d = &self.devices[k];
+        let app = &self.apps[d.app as usize];
+        let stop = d.acked.max(d.floor);
+        let mut v = Vec::new();
+        let (mut l, mut last) = (d.tail, u64::MAX);
+        while l != NO_LOC {
+            let Some(Record::Message(m)) = self.store.get(l) else { break };
+            // A chain runs down in seq within one device; anything else ends it.
+            if m.seq <= stop || m.seq >= last || m.id != &*d.id || m.app != &**app {
+                break;
+            }
+            v.push(QueuedMsg {
+                seq: m.seq,
+                push_id: m.push_id,
+                expiry_ms: m.expiry_ms,
+                enqueued_us: now_us,
+                loc: l,
+                len: m.payload.len() as u32,
+                dead: m.expiry_ms <= now_ms,
+            });
+            last = m.seq;
+            l = m.prev;
+        }
+        v.reverse();
+        v.into()
+    }
+
+    /// Makes a device hot: its queue rebuilt from the store if it was evicted.
+    fn load(&mut self, k: usize, now_ms: u64) {
+        if !self.devices[k].loaded {
+            let q = self.walk(k, now_ms);
+            let d = &mut self.devices[k];
+            for m in &q {
+                // Dead before eviction were counted then; these expired while cold.
+                if m.dead && m.expiry_ms > d.cold_since_ms {
+                    d.pending -= 1;
+                    d.queued_bytes -= m.len as u64;
+                    self.queued -= 1;
+                    self.stats.expired += 1;
+                    self.receipts.update(m.push_id, |c| {
+                        c.expired += 1;
+                        c.stored = c.stored.saturating_sub(1);
+                    });
+                }
+            }
+            self.hot_msgs += q.len();
+            d.queue = q;
+            d.loaded = true;
+            self.stats.loads += 1;
+            self.trim_front(k);
+        }
+        self.lru_touch(k);
+    }
+
+    /// Releases dead entries at the front of a hot queue.
+    fn trim_front(&mut self, k: usize) {
+        let d = &mut self.devices[k];
+        while d.queue.front().is_some_and(|m| m.dead) {
+            let m = d.queue.pop_front().expect("front exists");
+            d.floor = m.seq;
+            self.hot_msgs -= 1;
+            self.store.release(m.loc);
+        }
+    }
+
+    /// Binds `session` to the device after a valid HELLO. `last_acked` and `cursor`
+    /// are the device's own view: they release what the server had not seen acked,
+    /// and for a device this server has never seen they continue the numbering.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attach(
+        &mut self,
+        app: u16,
+        id: &str,
+        last_acked: u64,
+        cursor: u64,
+        session: usize,
+        now_ms: u64,
+        now_us: u64,
+    ) -> Attached {
+        let known = self.find(app, id).is_some();
+        let key = self.register(app, id, now_ms);
+        self.load(key, now_ms);
+        let head = self.logs[app as usize].next_bseq - 1;
+        let d = &mut self.devices[key];
+        if d.pending == 0 && d.queue.is_empty() && d.next_seq <= last_acked {
+            d.next_seq = last_acked + 1;
+            d.acked = last_acked;
+            d.floor = last_acked;
+        }
+        if !known && cursor > d.cursor {
+            d.cursor = cursor;
+        }
+        let replaced = d.session.replace(session);
+        d.last_seen_ms = now_ms;
+        let upto = last_acked.min(d.next_seq - 1);
+        self.ack_upto(key, upto, now_us);
+        self.bcast_ack(key, cursor.min(head));
+        let d = &mut self.devices[key];
+        d.sent_upto = d.acked;
+        d.bsent = d.cursor;
+        self.persist(key);
+        let d = &self.devices[key];
+        Attached { device: key, replaced, acked: d.acked, cursor: d.cursor, pending: d.pending }
+    }
+
+    /// Unbinds `session` (if it is still the device's); in-flight messages will be
+    /// sent again on the next session.
+    pub fn detach(&mut self, key: usize, session: usize, now_ms: u64) {
+        if let Some(d) = self.devices.get_mut(key) {
+            if d.session == Some(session) {
+                d.session = None;
+                d.sent_upto = d.acked;
+                d.bsent = d.cursor;
+                d.last_seen_ms = now_ms;
+                self.evict_over_bound(now_ms);
+            }
+        }
+    }
+
+    /// Stores a message for a known device key. Returns the device's session to wake.
     pub fn enqueue(
         &mut self,
         key: usize,
         push_id: u64,
         expiry_ms: u64,
-        payload: &Arc<[u8]>,
+        payload: &[u8],
         now_us: u64,
     ) -> Result<Option<usize>, ErrorCode> {
         let limits = self.limits;
-        let d = &mut self.devices[key];
-        if d.queue.len() as u64 >= limits.max_msgs as u64 || d.queued_bytes + payload.len() as u64 > limits.max_bytes {
+        let d = &self.devices[key];
+        if d.pending >= limits.max_msgs || d.queued_bytes + payload.len() as u64 > limits.max_bytes {
             self.stats.rejected_full += 1;
             return Err(ErrorCode::STORAGE_FULL);
         }
+        let appended = {
+            let DeviceTable { devices, apps, store, head, .. } = self;
+            let d = &devices[key];
+            let rec = Record::Message(MessageRec {
+                app: &apps[d.app as usize],
+                id: &d.id,
+                seq: d.next_seq,
+                push_id,
+                expiry_ms,
+                prev: d.tail,
+                payload,
+            });
+            store.append(&rec, head)
+        };
+        let loc = match appended {
+            Ok(l) => l,
+            Err(e) => return Err(self.store_error(e)),
+        };
+        self.store_ok();
+        let d = &mut self.devices[key];
         let seq = d.next_seq;
         d.next_seq += 1;
+        d.tail = loc;
+        d.pending += 1;
         d.queued_bytes += payload.len() as u64;
-        d.queue.push_back(QueuedMsg { seq, push_id, expiry_ms, enqueued_us: now_us, payload: Arc::clone(payload) });
+        if d.loaded {
+            let len = payload.len() as u32;
+            d.queue.push_back(QueuedMsg { seq, push_id, expiry_ms, enqueued_us: now_us, loc, len, dead: false });
+            self.hot_msgs += 1;
+        }
         self.queued += 1;
         if expiry_ms < d.expiry_armed {
             d.expiry_armed = expiry_ms;
             self.expiry.insert(key, expiry_ms);
         }
         let session = d.session;
+        if self.devices[key].loaded {
+            self.lru_touch(key);
+        }
         self.stats.enqueued += 1;
         let c = self.receipts.entry(push_id);
         c.targeted += 1;
@@ -314,58 +832,101 @@ impl DeviceTable {
         Ok(session)
     }
 
-    /// Queues for `id` of `app`, creating the device record if needed (unicast and
-    /// multicast address devices that may not have connected yet).
+    /// Stores a message for `id` of `app`, registering the device if needed (unicast
+    /// and multicast address devices that may not have connected yet).
     pub fn enqueue_to(
         &mut self,
         app: u16,
         id: &str,
         push_id: u64,
         expiry_ms: u64,
-        payload: &Arc<[u8]>,
+        payload: &[u8],
+        now_ms: u64,
         now_us: u64,
     ) -> Result<Option<usize>, ErrorCode> {
-        let key = self.find_or_insert(app, id);
-        self.enqueue(key, push_id, expiry_ms, payload, now_us)
+        let key = self.register(app, id, now_ms);
+        let r = self.enqueue(key, push_id, expiry_ms, payload, now_us);
+        self.evict_over_bound(now_ms);
+        r
     }
 
-    /// Queues for every device of `app` this shard knows; returns how many took it and
-    /// pushes the sessions to wake into `wake`. Devices whose queue is full are skipped
-    /// (counted in `stats.rejected_full`).
+    /// Stores a broadcast once in the app's log; every device of the app this shard
+    /// knows gets it. Returns how many devices that is.
     pub fn broadcast(
         &mut self,
         app: u16,
         push_id: u64,
         expiry_ms: u64,
-        payload: &Arc<[u8]>,
-        wake: &mut Vec<usize>,
+        payload: &[u8],
         now_us: u64,
-    ) -> u64 {
-        let keys: Vec<usize> = self.index[app as usize].values().copied().collect();
-        let mut n = 0;
-        for key in keys {
-            if let Ok(s) = self.enqueue(key, push_id, expiry_ms, payload, now_us) {
-                n += 1;
-                wake.extend(s);
-            }
+    ) -> Result<u64, ErrorCode> {
+        let log = &self.logs[app as usize];
+        let (bseq, n) = (log.next_bseq, log.devices);
+        // A broadcast that reaches nobody here still gets a receipt (all zero).
+        let c = self.receipts.entry(push_id);
+        c.targeted += n;
+        c.stored += n;
+        if n == 0 {
+            return Ok(0);
         }
-        // A broadcast that reached nobody still gets a receipt (all zero).
-        self.receipts.entry(push_id);
-        n
+        let rec = Record::Broadcast(BroadcastRec { app: &self.apps[app as usize], bseq, push_id, expiry_ms, payload });
+        let loc = match self.store.append(&rec, &mut self.head) {
+            Ok(l) => l,
+            Err(e) => {
+                self.receipts.update(push_id, |c| {
+                    c.targeted -= n;
+                    c.stored -= n;
+                });
+                return Err(self.store_error(e));
+            }
+        };
+        self.store_ok();
+        let log = &mut self.logs[app as usize];
+        log.next_bseq += 1;
+        log.entries.push_back(BEntry {
+            bseq,
+            push_id,
+            expiry_ms,
+            enqueued_us: now_us,
+            loc,
+            remaining: n,
+            live: true,
+        });
+        self.stats.broadcasts += 1;
+        Ok(n)
     }
 
-    /// Applies a cumulative ACK from the session. Acks beyond what was sent are
-    /// clamped: a device cannot ack what it never received.
-    pub fn on_ack(&mut self, key: usize, seq: u64, now_us: u64) {
-        let upto = seq.min(self.devices[key].sent_upto);
+    /// Sessions of `app`'s devices (to wake after a broadcast).
+    pub fn app_sessions(&self, app: u16) -> impl Iterator<Item = usize> + '_ {
+        self.index[app as usize].values().filter_map(|&k| self.devices[k].session)
+    }
+
+    /// Applies a cumulative ACK of both streams from the session. Acks beyond what was
+    /// sent are clamped: a device cannot ack what it never received.
+    pub fn on_ack(&mut self, key: usize, seq: u64, bseq: u64, now_us: u64) {
+        let d = &self.devices[key];
+        let (upto, bupto) = (seq.min(d.sent_upto), bseq.min(d.bsent));
+        let (acked, cursor) = (d.acked, d.cursor);
         self.ack_upto(key, upto, now_us);
+        self.bcast_ack(key, bupto);
+        let d = &self.devices[key];
+        if d.acked != acked || d.cursor != cursor {
+            self.persist(key);
+        }
     }
 
     fn ack_upto(&mut self, key: usize, upto: u64, now_us: u64) {
         let d = &mut self.devices[key];
         while d.queue.front().is_some_and(|m| m.seq <= upto) {
             let m = d.queue.pop_front().expect("front exists");
-            d.queued_bytes -= m.payload.len() as u64;
+            self.hot_msgs -= 1;
+            self.store.release(m.loc);
+            d.floor = m.seq;
+            if m.dead {
+                continue;
+            }
+            d.pending -= 1;
+            d.queued_bytes -= m.len as u64;
             self.queued -= 1;
             self.stats.acked += 1;
             self.ack_lat.record(now_us.saturating_sub(m.enqueued_us));
@@ -375,42 +936,139 @@ impl DeviceTable {
             });
         }
         d.acked = d.acked.max(upto);
+        self.trim_front(key);
+    }
+
+    /// Moves a device's broadcast cursor to `upto`, counting deliveries.
+    fn bcast_ack(&mut self, key: usize, upto: u64) {
+        let d = &mut self.devices[key];
+        if upto <= d.cursor {
+            return;
+        }
+        let log = &mut self.logs[d.app as usize];
+        let from = log.entries.partition_point(|e| e.bseq <= d.cursor);
+        for e in log.entries.range_mut(from..) {
+            if e.bseq > upto {
+                break;
+            }
+            if e.live {
+                e.remaining = e.remaining.saturating_sub(1);
+                self.receipts.update(e.push_id, |c| {
+                    c.delivered += 1;
+                    c.stored = c.stored.saturating_sub(1);
+                });
+                if e.remaining == 0 {
+                    e.live = false;
+                    self.store.release(e.loc);
+                }
+            }
+        }
+        d.cursor = upto;
+        d.bsent = d.bsent.max(upto);
+        let app = d.app;
+        self.trim_log(app);
+    }
+
+    /// Pops released entries off the front of an app's log; when the log empties, a
+    /// head record keeps its numbering across a restart.
+    fn trim_log(&mut self, app: u16) {
+        let log = &mut self.logs[app as usize];
+        let mut popped = false;
+        while log.entries.front().is_some_and(|e| !e.live) {
+            log.entries.pop_front();
+            popped = true;
+        }
+        if popped && log.entries.is_empty() {
+            self.write_head(app);
+        }
+    }
+
+    fn write_head(&mut self, app: u16) {
+        let next_bseq = self.logs[app as usize].next_bseq;
+        match self.store.append(&Record::Head { app: &self.apps[app as usize], next_bseq }, &mut self.head) {
+            Ok(l) => {
+                let old = std::mem::replace(&mut self.logs[app as usize].head_loc, l);
+                self.store.release(old);
+            }
+            Err(e) => {
+                self.store_error(e);
+            }
+        }
     }
 
     /// Encodes messages the device has not been sent yet, within the window and up to
-    /// about `max_bytes`, into `out`. Expired messages are dropped, never sent.
-    /// Returns how many messages were written.
+    /// about `max_bytes`, into `out`: its unicast queue first, then its app's
+    /// broadcasts. Expired messages are never sent. Returns how many were written.
     pub fn fill(&mut self, key: usize, now_ms: u64, now_us: u64, out: &mut Vec<u8>, max_bytes: usize) -> usize {
+        self.load(key, now_ms);
         let window = self.limits.window as usize;
-        let d = &mut self.devices[key];
-        let mut i = d.queue.partition_point(|m| m.seq <= d.sent_upto);
         let mut written = 0;
-        while i < d.queue.len() && i < window && out.len() < max_bytes {
-            let m = &d.queue[i];
-            if m.expiry_ms <= now_ms {
-                let m = d.queue.remove(i).expect("index in range");
-                d.queued_bytes -= m.payload.len() as u64;
-                self.queued -= 1;
-                self.stats.expired += 1;
-                self.receipts.update(m.push_id, |c| {
-                    c.expired += 1;
-                    c.stored = c.stored.saturating_sub(1);
-                });
-                continue;
+        let mut expired_any = false;
+        {
+            let DeviceTable { devices, logs, store, stats, write_lat, receipts, queued, .. } = self;
+            let d = &mut devices[key];
+            let mut i = d.queue.partition_point(|m| m.seq <= d.sent_upto);
+            while i < d.queue.len() && i < window && out.len() < max_bytes {
+                let m = &mut d.queue[i];
+                i += 1;
+                if m.dead {
+                    continue;
+                }
+                if m.expiry_ms <= now_ms {
+                    m.dead = true;
+                    d.pending -= 1;
+                    d.queued_bytes -= m.len as u64;
+                    *queued -= 1;
+                    stats.expired += 1;
+                    receipts.update(m.push_id, |c| {
+                        c.expired += 1;
+                        c.stored = c.stored.saturating_sub(1);
+                    });
+                    expired_any = true;
+                    continue;
+                }
+                let Some(Record::Message(r)) = store.get(m.loc) else {
+                    unreachable!("a queued message's record is retained")
+                };
+                let msg = Message { flags: 0, seq: m.seq, push_id: m.push_id, expiry_ms: m.expiry_ms, payload: r.payload };
+                encode_message(out, &msg);
+                d.sent_upto = m.seq;
+                if m.seq <= d.max_sent {
+                    stats.redelivered += 1;
+                } else {
+                    d.max_sent = m.seq;
+                }
+                write_lat.record(now_us.saturating_sub(m.enqueued_us));
+                written += 1;
             }
-            encode_message(
-                out,
-                &Message { flags: 0, seq: m.seq, push_id: m.push_id, expiry_ms: m.expiry_ms, payload: &m.payload },
-            );
-            d.sent_upto = m.seq;
-            if m.seq <= d.max_sent {
-                self.stats.redelivered += 1;
-            } else {
-                d.max_sent = m.seq;
+            // Broadcasts, in their own window.
+            let log = &logs[d.app as usize];
+            let acked_at = log.entries.partition_point(|e| e.bseq <= d.cursor);
+            let mut j = log.entries.partition_point(|e| e.bseq <= d.bsent);
+            while j < log.entries.len() && j - acked_at < window && out.len() < max_bytes {
+                let e = &log.entries[j];
+                j += 1;
+                d.bsent = e.bseq;
+                if !e.live || e.expiry_ms <= now_ms {
+                    continue;
+                }
+                let Some(Record::Broadcast(r)) = store.get(e.loc) else {
+                    unreachable!("a live broadcast's record is retained")
+                };
+                let msg = Message {
+                    flags: FLAG_BROADCAST,
+                    seq: e.bseq,
+                    push_id: e.push_id,
+                    expiry_ms: e.expiry_ms,
+                    payload: r.payload,
+                };
+                encode_message(out, &msg);
+                write_lat.record(now_us.saturating_sub(e.enqueued_us));
+                written += 1;
             }
-            self.write_lat.record(now_us.saturating_sub(m.enqueued_us));
-            written += 1;
-            i += 1;
+        }
+        if expired_any {
+            self.trim_front(key);
         }
         self.stats.written += written as u64;
         written
@@ -418,47 +1076,210 @@ impl DeviceTable {
 
     /// Whether the device has messages to write now.
     pub fn has_unsent(&self, key: usize) -> bool {
-        self.devices[key].has_unsent(self.limits.window)
+        let d = &self.devices[key];
+        let window = self.limits.window as usize;
+        if d.loaded {
+            let inflight = d.queue.partition_point(|m| m.seq <= d.sent_upto);
+            if inflight < d.queue.len() && inflight < window {
+                return true;
+            }
+        } else if d.pending > 0 {
+            return true;
+        }
+        let log = &self.logs[d.app as usize];
+        let acked_at = log.entries.partition_point(|e| e.bseq <= d.cursor);
+        let sent_at = log.entries.partition_point(|e| e.bseq <= d.bsent);
+        sent_at < log.entries.len() && sent_at - acked_at < window
     }
 
-    /// Drops messages whose TTL passed; returns the sessions that may now have room.
+    /// Marks expired messages of a hot device dead and releases those at the front.
+    fn drop_expired(&mut self, k: usize, now_ms: u64) {
+        let d = &mut self.devices[k];
+        let mut expired = false;
+        for m in d.queue.iter_mut().filter(|m| !m.dead && m.expiry_ms <= now_ms) {
+            m.dead = true;
+            d.pending -= 1;
+            d.queued_bytes -= m.len as u64;
+            self.queued -= 1;
+            self.stats.expired += 1;
+            self.receipts.update(m.push_id, |c| {
+                c.expired += 1;
+                c.stored = c.stored.saturating_sub(1);
+            });
+            expired = true;
+        }
+        if expired {
+            self.trim_front(k);
+            // The registry record carries next_seq past what may now be deleted.
+            self.persist(k);
+        }
+    }
+
+    /// Drops messages and broadcasts whose TTL passed.
     pub fn expire(&mut self, now_ms: u64) {
         self.fired.clear();
         self.expiry.advance(now_ms, &mut self.fired);
         let fired = std::mem::take(&mut self.fired);
         for &key in &fired {
-            let Some(d) = self.devices.get_mut(key) else {
-                continue;
-            };
-            let mut expired = 0;
-            let mut freed = 0;
-            let receipts = &mut self.receipts;
-            d.queue.retain(|m| {
-                if m.expiry_ms <= now_ms {
-                    expired += 1;
-                    freed += m.payload.len() as u64;
-                    receipts.update(m.push_id, |c| {
-                        c.expired += 1;
-                        c.stored = c.stored.saturating_sub(1);
-                    });
-                    false
-                } else {
-                    true
-                }
-            });
-            d.queued_bytes -= freed;
-            self.queued -= expired;
-            self.stats.expired += expired;
-            // Re-arm only if the entry that fired was the armed one.
-            if d.expiry_armed <= now_ms {
-                d.expiry_armed = u64::MAX;
-                if let Some(next) = d.queue.iter().map(|m| m.expiry_ms).min() {
-                    d.expiry_armed = next;
-                    self.expiry.insert(key, next);
-                }
+            if !self.devices.contains(key) || self.devices[key].expiry_armed > now_ms {
+                continue; // re-armed later: a stale entry
+            }
+            self.load(key, now_ms);
+            self.drop_expired(key, now_ms);
+            let d = &mut self.devices[key];
+            d.expiry_armed = u64::MAX;
+            if let Some(next) = d.queue.iter().filter(|m| !m.dead).map(|m| m.expiry_ms).min() {
+                d.expiry_armed = next;
+                self.expiry.insert(key, next);
             }
         }
         self.fired = fired;
+        for app in 0..self.logs.len() {
+            let log = &mut self.logs[app];
+            for e in log.entries.iter_mut().filter(|e| e.live && e.expiry_ms <= now_ms) {
+                e.live = false;
+                self.store.release(e.loc);
+                self.stats.expired += e.remaining;
+                let n = e.remaining;
+                self.receipts.update(e.push_id, |c| {
+                    c.expired += n;
+                    c.stored = c.stored.saturating_sub(n);
+                });
+            }
+            self.trim_log(app as u16);
+        }
+        self.evict_over_bound(now_ms);
+    }
+
+    /// Copies the live records of the emptiest old segment (below `max_live` of its
+    /// size) to the head of the log, so the segment can be deleted. A device's
+    /// messages are rewritten together, keeping its chain whole. Returns whether a
+    /// segment was compacted.
+    pub fn compact(&mut self, max_live: f64, now_ms: u64) -> bool {
+        let Some((seg, locs)) = self.store.compaction_candidate(max_live) else {
+            return false;
+        };
+        let mut moved = 0u64;
+        for l in locs {
+            let (app, id, what) = match self.store.get(l) {
+                Some(Record::Device(r)) => (r.app.to_string(), r.id.to_string(), 0),
+                Some(Record::Message(r)) => (r.app.to_string(), r.id.to_string(), 1),
+                Some(Record::Broadcast(r)) => (r.app.to_string(), r.bseq.to_string(), 2),
+                Some(Record::Head { app, .. }) => (app.to_string(), String::new(), 3),
+                None => continue,
+            };
+            let Some(a) = self.apps.iter().position(|x| **x == *app) else { continue };
+            let a = a as u16;
+            match what {
+                0 => {
+                    if let Some(k) = self.find(a, &id).filter(|&k| self.devices[k].dev_loc == l) {
+                        self.persist(k);
+                        moved += 1;
+                    }
+                }
+                1 => {
+                    if let Some(k) = self.find(a, &id) {
+                        self.load(k, now_ms);
+                        if self.devices[k].queue.iter().any(|m| m.loc == l) {
+                            moved += self.rewrite_chain(k) as u64;
+                        }
+                    }
+                }
+                2 => {
+                    let bseq: u64 = id.parse().expect("formatted above");
+                    let log = &self.logs[a as usize];
+                    let Some(i) = log.entries.iter().position(|e| e.bseq == bseq && e.live && e.loc == l) else {
+                        continue;
+                    };
+                    let Some(Record::Broadcast(r)) = self.store.get(l) else { continue };
+                    let payload = r.payload.to_vec();
+                    let e = log.entries[i];
+                    let rec = Record::Broadcast(BroadcastRec {
+                        app: &self.apps[a as usize],
+                        bseq,
+                        push_id: e.push_id,
+                        expiry_ms: e.expiry_ms,
+                        payload: &payload,
+                    });
+                    if let Ok(nl) = self.store.append(&rec, &mut self.head) {
+                        self.logs[a as usize].entries[i].loc = nl;
+                        self.store.release(l);
+                        moved += 1;
+                    }
+                }
+                _ => {
+                    if self.logs[a as usize].head_loc == l {
+                        self.write_head(a);
+                        moved += 1;
+                    }
+                }
+            }
+        }
+        self.stats.compacted_records += moved;
+        self.store.stats.compactions += 1;
+        tracing::debug!("store segment {seg} compacted: {moved} live records moved");
+        self.evict_over_bound(now_ms);
+        true
+    }
+
+    /// Rewrites a hot device's live messages as a fresh chain at the head of the log,
+    /// releasing the old records (dead entries are dropped). Returns records written.
+    fn rewrite_chain(&mut self, k: usize) -> usize {
+        let old: Vec<QueuedMsg> = self.devices[k].queue.drain(..).collect();
+        self.hot_msgs -= old.len();
+        let mut prev = NO_LOC;
+        let mut kept = VecDeque::with_capacity(old.len());
+        let mut failed = false;
+        for m in &old {
+            if m.dead {
+                continue;
+            }
+            let new = if failed {
+                None
+            } else {
+                let DeviceTable { devices, apps, store, head, .. } = self;
+                let d = &devices[k];
+                let Some(Record::Message(r)) = store.get(m.loc) else { unreachable!("retained") };
+                let payload = r.payload.to_vec();
+                let rec = Record::Message(MessageRec {
+                    app: &apps[d.app as usize],
+                    id: &d.id,
+                    seq: m.seq,
+                    push_id: m.push_id,
+                    expiry_ms: m.expiry_ms,
+                    prev,
+                    payload: &payload,
+                });
+                store.append(&rec, head).ok()
+            };
+            match new {
+                Some(l) => {
+                    prev = l;
+                    kept.push_back(QueuedMsg { loc: l, ..*m });
+                }
+                None => {
+                    // No room to move it: keep the old chain as it was.
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            for m in &kept {
+                self.store.release(m.loc);
+            }
+            self.hot_msgs += old.len();
+            self.devices[k].queue = old.into();
+            return 0;
+        }
+        for m in &old {
+            self.store.release(m.loc);
+        }
+        let n = kept.len();
+        self.hot_msgs += n;
+        let d = &mut self.devices[k];
+        d.tail = kept.back().map_or(NO_LOC, |m| m.loc);
+        d.queue = kept;
+        n
     }
 
     /// Every connected session of this shard (for shutdown).
@@ -470,50 +1291,71 @@ impl DeviceTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoreOptions;
     use ringpush_protocol::{DeviceFrame, Limits};
+    use std::path::Path;
 
     const NOW: u64 = 1_000_000;
+    const SEG: usize = 4096;
 
-    fn table() -> DeviceTable {
+    fn opts(cache_msgs: usize) -> TableOptions {
         let limits = QueueLimits { window: 3, max_msgs: 5, max_bytes: 1000 };
-        DeviceTable::new(2, limits, 100, NOW, true)
+        TableOptions { limits, receipts: 100, cache_msgs, latencies: true }
     }
 
-    fn payload(s: &str) -> Arc<[u8]> {
-        Arc::from(s.as_bytes())
+    fn open_with(dir: &Path, cache_msgs: usize, max_bytes: u64, now: u64) -> DeviceTable {
+        let sopts = StoreOptions { segment_bytes: SEG, max_bytes };
+        DeviceTable::open(dir, sopts, vec!["a".into(), "b".into()], opts(cache_msgs), now).unwrap()
     }
 
-    /// Decodes the seqs written by `fill`.
-    fn seqs(out: &[u8]) -> Vec<u64> {
+    fn open(dir: &Path) -> DeviceTable {
+        open_with(dir, usize::MAX, u64::MAX, NOW)
+    }
+
+    /// Decodes the (broadcast?, seq, payload) of every MESSAGE written by `fill`.
+    fn decode(out: &[u8]) -> Vec<(bool, u64, String)> {
         let mut rest = out;
         let mut v = Vec::new();
         while let Some((f, n)) = DeviceFrame::decode(rest, &Limits::default()).unwrap() {
             let DeviceFrame::Message(m) = f else { panic!("{f:?}") };
-            v.push(m.seq);
+            v.push((m.flags & FLAG_BROADCAST != 0, m.seq, String::from_utf8_lossy(m.payload).into_owned()));
             rest = &rest[n..];
         }
         v
     }
 
-    fn fill(t: &mut DeviceTable, key: usize) -> Vec<u64> {
+    fn fill_at(t: &mut DeviceTable, key: usize, now: u64) -> Vec<(bool, u64, String)> {
         let mut out = Vec::new();
-        t.fill(key, NOW, 0, &mut out, 1 << 20);
-        seqs(&out)
+        t.fill(key, now, 0, &mut out, 1 << 20);
+        decode(&out)
+    }
+
+    fn seqs(t: &mut DeviceTable, key: usize) -> Vec<u64> {
+        fill_at(t, key, NOW).into_iter().map(|(_, s, _)| s).collect()
+    }
+
+    fn attach(t: &mut DeviceTable, id: &str, last_acked: u64, session: usize) -> Attached {
+        t.attach(0, id, last_acked, 0, session, NOW, 0)
+    }
+
+    fn push(t: &mut DeviceTable, id: &str, push_id: u64, expiry: u64, payload: &str) -> Result<Option<usize>, ErrorCode> {
+        t.enqueue_to(0, id, push_id, expiry, payload.as_bytes(), NOW, 0)
     }
 
     #[test]
     fn in_order_delivery_within_the_window_and_cumulative_acks() {
-        let mut t = table();
-        let a = t.attach(0, "d", 0, 7, 0);
-        assert_eq!(a, Attached { device: a.device, replaced: None, acked: 0, pending: 0 });
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open(dir.path());
+        let a = attach(&mut t, "d", 0, 7);
+        assert_eq!(a, Attached { device: a.device, replaced: None, acked: 0, cursor: 0, pending: 0 });
         for i in 0..5 {
-            assert_eq!(t.enqueue(a.device, 100 + i, NOW + 10_000, &payload("x"), 0), Ok(Some(7)));
+            assert_eq!(t.enqueue(a.device, 100 + i, NOW + 10_000, b"x", 0), Ok(Some(7)));
         }
-        assert_eq!(fill(&mut t, a.device), [1, 2, 3], "window of 3");
-        assert_eq!(fill(&mut t, a.device), Vec::<u64>::new(), "window full");
-        t.on_ack(a.device, 2, 0);
-        assert_eq!(fill(&mut t, a.device), [4, 5]);
-        t.on_ack(a.device, 99, 0); // clamped to what was sent
+        assert_eq!(seqs(&mut t, a.device), [1, 2, 3], "window of 3");
+        assert_eq!(seqs(&mut t, a.device), Vec::<u64>::new(), "window full");
+        t.on_ack(a.device, 2, 0, 0);
+        assert_eq!(seqs(&mut t, a.device), [4, 5]);
+        t.on_ack(a.device, 99, 0, 0); // clamped to what was sent
         assert_eq!(t.device(a.device).acked(), 5);
         assert_eq!(t.device(a.device).pending(), 0);
         assert_eq!(t.receipt(100).unwrap(), Counts { targeted: 1, delivered: 1, stored: 0, expired: 0 });
@@ -521,90 +1363,287 @@ mod tests {
 
     #[test]
     fn unacked_messages_are_resent_after_reconnect() {
-        let mut t = table();
-        let a = t.attach(0, "d", 0, 1, 0);
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open(dir.path());
+        let a = attach(&mut t, "d", 0, 1);
         for i in 0..3 {
-            t.enqueue(a.device, i, NOW + 10_000, &payload("x"), 0).unwrap();
+            t.enqueue(a.device, i, NOW + 10_000, b"x", 0).unwrap();
         }
-        assert_eq!(fill(&mut t, a.device), [1, 2, 3]);
-        t.on_ack(a.device, 1, 0);
-        t.detach(a.device, 1);
-        let b = t.attach(0, "d", 1, 2, 0);
+        assert_eq!(seqs(&mut t, a.device), [1, 2, 3]);
+        t.on_ack(a.device, 1, 0, 0);
+        t.detach(a.device, 1, NOW);
+        let b = attach(&mut t, "d", 1, 2);
         assert_eq!((b.acked, b.pending, b.replaced), (1, 2, None));
-        assert_eq!(fill(&mut t, b.device), [2, 3]);
+        assert_eq!(seqs(&mut t, b.device), [2, 3]);
         // The device had processed 2 before the reconnect and says so in HELLO.
-        t.detach(b.device, 2);
-        let c = t.attach(0, "d", 2, 3, 0);
+        t.detach(b.device, 2, NOW);
+        let c = attach(&mut t, "d", 2, 3);
         assert_eq!((c.acked, c.pending), (2, 1));
-        assert_eq!(fill(&mut t, c.device), [3]);
+        assert_eq!(seqs(&mut t, c.device), [3]);
     }
 
     #[test]
     fn second_login_replaces_the_first() {
-        let mut t = table();
-        let a = t.attach(1, "d", 0, 10, 0);
-        let b = t.attach(1, "d", 0, 11, 0);
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open(dir.path());
+        let a = attach(&mut t, "d", 0, 10);
+        let b = attach(&mut t, "d", 0, 11);
         assert_eq!(b.replaced, Some(10));
         // The replaced session detaching later does not unbind the new one.
-        t.detach(a.device, 10);
+        t.detach(a.device, 10, NOW);
         assert_eq!(t.device(b.device).session, Some(11));
     }
 
     #[test]
     fn unknown_device_continues_after_its_own_last_acked() {
-        let mut t = table();
-        let a = t.attach(0, "d", 41, 1, 0);
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open(dir.path());
+        let a = attach(&mut t, "d", 41, 1);
         assert_eq!(a.acked, 41);
-        t.enqueue(a.device, 1, NOW + 1000, &payload("x"), 0).unwrap();
-        assert_eq!(fill(&mut t, a.device), [42]);
+        t.enqueue(a.device, 1, NOW + 1000, b"x", 0).unwrap();
+        assert_eq!(seqs(&mut t, a.device), [42]);
     }
 
     #[test]
     fn queues_are_bounded_by_count_and_bytes() {
-        let mut t = table();
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open(dir.path());
         for i in 0..5 {
-            t.enqueue_to(0, "off", i, NOW + 1000, &payload("x"), 0).unwrap();
+            push(&mut t, "off", i, NOW + 1000, "x").unwrap();
         }
-        assert_eq!(t.enqueue_to(0, "off", 9, NOW + 1000, &payload("x"), 0), Err(ErrorCode::STORAGE_FULL));
-        let big: Arc<[u8]> = Arc::from(vec![0u8; 1001]);
-        assert_eq!(t.enqueue_to(0, "other", 1, NOW + 1000, &big, 0), Err(ErrorCode::STORAGE_FULL));
+        assert_eq!(push(&mut t, "off", 9, NOW + 1000, "x"), Err(ErrorCode::STORAGE_FULL));
+        let big = "y".repeat(1001);
+        assert_eq!(push(&mut t, "other", 1, NOW + 1000, &big), Err(ErrorCode::STORAGE_FULL));
         assert_eq!(t.stats.rejected_full, 2);
     }
 
     #[test]
-    fn expired_messages_are_never_sent_and_are_counted() {
-        let mut t = table();
-        let k = t.attach(0, "d", 0, 1, 0).device;
-        t.enqueue(k, 1, NOW - 1, &payload("old"), 0).unwrap();
-        t.enqueue(k, 2, NOW + 5_000, &payload("new"), 0).unwrap();
-        assert_eq!(fill(&mut t, k), [2]);
+    fn expired_messages_are_never_sent_and_are_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open(dir.path());
+        let k = attach(&mut t, "d", 0, 1).device;
+        t.enqueue(k, 1, NOW - 1, b"old", 0).unwrap();
+        t.enqueue(k, 2, NOW + 5_000, b"new", 0).unwrap();
+        assert_eq!(seqs(&mut t, k), [2]);
         assert_eq!(t.receipt(1).unwrap().expired, 1);
-        // Offline device: the wheel drops it when its time comes.
-        t.enqueue_to(0, "off", 3, NOW + 2_000, &payload("x"), 0).unwrap();
-        t.enqueue_to(0, "off", 4, NOW + 9_000, &payload("y"), 0).unwrap();
+        // Offline device: the wheel drops them when their time comes.
+        push(&mut t, "off", 3, NOW + 2_000, "x").unwrap();
+        push(&mut t, "off", 4, NOW + 9_000, "y").unwrap();
+        let off = t.find(0, "off").unwrap();
         t.expire(NOW + 1_000);
-        assert_eq!(t.device(t.find(0, "off").unwrap()).pending(), 2);
+        assert_eq!(t.device(off).pending(), 2);
         t.expire(NOW + 2_500);
-        assert_eq!(t.device(t.find(0, "off").unwrap()).pending(), 1);
+        assert_eq!(t.device(off).pending(), 1);
         t.expire(NOW + 9_500);
-        assert_eq!(t.device(t.find(0, "off").unwrap()).pending(), 0);
+        assert_eq!(t.device(off).pending(), 0);
         assert_eq!(t.receipt(4).unwrap(), Counts { targeted: 1, delivered: 0, stored: 0, expired: 1 });
+        // d's seq 2 was sent but never acked: it expires too.
+        assert_eq!(t.stats.expired, 4);
+        assert_eq!(t.queued(), 0);
     }
 
     #[test]
-    fn broadcast_reaches_every_known_device_of_the_app_once() {
-        let mut t = table();
-        t.attach(0, "a", 0, 1, 0);
-        t.attach(0, "b", 0, 2, 0);
-        t.enqueue_to(0, "offline", 5, NOW + 100, &payload("u"), 0).unwrap();
-        t.attach(1, "other-app", 0, 3, 0);
-        let p = payload("all");
-        let mut wake = Vec::new();
-        assert_eq!(t.broadcast(0, 77, NOW + 1000, &p, &mut wake, 0), 3);
+    fn a_message_expiring_between_pending_ones_is_skipped_and_the_rest_survive_eviction_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open_with(dir.path(), 0, u64::MAX, NOW);
+        push(&mut t, "d", 1, NOW + 60_000, "first").unwrap();
+        push(&mut t, "d", 2, NOW + 1_000, "short").unwrap();
+        push(&mut t, "d", 3, NOW + 60_000, "third").unwrap();
+        let k = t.find(0, "d").unwrap();
+        assert!(!t.device(k).is_hot(), "cache bound 0: offline devices stay cold");
+        t.expire(NOW + 2_000);
+        assert_eq!(t.device(k).pending(), 2);
+        assert_eq!(t.receipt(2).unwrap().expired, 1);
+        // Reloading from the chain skips the dead one and counts it only once.
+        let a = t.attach(0, "d", 0, 0, 1, NOW + 2_000, 0);
+        assert_eq!(a.pending, 2);
+        let got = fill_at(&mut t, k, NOW + 2_000);
+        assert_eq!(got, [(false, 1, "first".into()), (false, 3, "third".into())]);
+        assert_eq!(t.stats.expired, 1);
+        drop(t);
+        let mut t = open_with(dir.path(), 0, u64::MAX, NOW + 3_000);
+        let a = t.attach(0, "d", 0, 0, 1, NOW + 3_000, 0);
+        assert_eq!(a.pending, 2);
+        assert_eq!(fill_at(&mut t, a.device, NOW + 3_000).iter().map(|m| m.1).collect::<Vec<_>>(), [1, 3]);
+    }
+
+    #[test]
+    fn broadcast_is_stored_once_and_reaches_every_device_of_the_app() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open(dir.path());
+        let a = attach(&mut t, "a", 0, 1).device;
+        let b = attach(&mut t, "b", 0, 2).device;
+        push(&mut t, "offline", 5, NOW + 100, "u").unwrap();
+        t.attach(1, "other-app", 0, 0, 3, NOW, 0);
+        let appends = t.store.stats.appends;
+        assert_eq!(t.broadcast(0, 77, NOW + 1000, b"all", 0), Ok(3));
+        assert_eq!(t.store.stats.appends, appends + 1, "one record for the whole app");
+        let mut wake: Vec<usize> = t.app_sessions(0).collect();
         wake.sort();
         assert_eq!(wake, [1, 2]);
-        assert_eq!(Arc::strong_count(&p), 4, "payload stored once, shared");
-        assert_eq!(t.receipt(77).unwrap().targeted, 3);
+        assert_eq!(fill_at(&mut t, a, NOW), [(true, 1, "all".into())]);
+        assert_eq!(fill_at(&mut t, b, NOW), [(true, 1, "all".into())]);
+        t.on_ack(a, 0, 1, 0);
+        t.on_ack(b, 0, 1, 0);
+        assert_eq!(t.receipt(77).unwrap(), Counts { targeted: 3, delivered: 2, stored: 1, expired: 0 });
+        // A device registered later starts at the head: it does not get old broadcasts.
+        let late = attach(&mut t, "late", 0, 4);
+        assert_eq!(late.cursor, 1);
+        assert!(fill_at(&mut t, late.device, NOW).is_empty());
+        // The offline device gets it on connect; then every counted device has it.
+        let off = attach(&mut t, "offline", 0, 5).device;
+        assert_eq!(fill_at(&mut t, off, NOW), [(false, 1, "u".into()), (true, 1, "all".into())]);
+        t.on_ack(off, 1, 1, 0);
+        assert_eq!(t.broadcasts_kept(), 0, "released once everyone acked");
+        assert_eq!(t.receipt(77).unwrap().delivered, 3);
+    }
+
+    #[test]
+    fn broadcasts_expire_for_devices_that_never_came_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open(dir.path());
+        push(&mut t, "x", 1, NOW + 100_000, "u").unwrap();
+        push(&mut t, "y", 2, NOW + 100_000, "u").unwrap();
+        t.broadcast(0, 9, NOW + 1_000, b"b", 0).unwrap();
+        t.expire(NOW + 1_500);
+        assert_eq!(t.receipt(9).unwrap(), Counts { targeted: 2, delivered: 0, stored: 0, expired: 2 });
+        let x = attach(&mut t, "x", 0, 1).device;
+        assert_eq!(fill_at(&mut t, x, NOW + 1_500), [(false, 1, "u".into())]);
+    }
+
+    #[test]
+    fn a_restart_keeps_registry_pending_messages_and_broadcasts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open(dir.path());
+        let k = attach(&mut t, "d", 0, 1).device;
+        for i in 1..=4 {
+            t.enqueue(k, i, NOW + 60_000, format!("m{i}").as_bytes(), 0).unwrap();
+        }
+        fill_at(&mut t, k, NOW);
+        t.on_ack(k, 2, 0, 0);
+        push(&mut t, "off", 60, NOW + 60_000, "offline one").unwrap();
+        t.broadcast(0, 50, NOW + 60_000, b"hello all", 0).unwrap();
+        t.store.flush_now().unwrap();
+        drop(t);
+
+        let mut t = open(dir.path());
+        assert_eq!(t.queued(), 3);
+        let a = attach(&mut t, "d", 0, 1);
+        assert_eq!((a.acked, a.pending, a.cursor), (2, 2, 0));
+        let got = fill_at(&mut t, a.device, NOW);
+        assert_eq!(got, [(false, 3, "m3".into()), (false, 4, "m4".into()), (true, 1, "hello all".into())]);
+        t.on_ack(a.device, 4, 1, 0);
+        let k2 = t.enqueue(a.device, 5, NOW + 60_000, b"m5", 0);
+        assert!(k2.is_ok());
+        assert_eq!(fill_at(&mut t, a.device, NOW), [(false, 5, "m5".into())], "numbering continues");
+        let off = attach(&mut t, "off", 0, 2).device;
+        assert_eq!(fill_at(&mut t, off, NOW), [(false, 1, "offline one".into()), (true, 1, "hello all".into())]);
+        drop(t);
+        // Acked state survives too, and a broadcast after restart continues the numbering.
+        let mut t = open(dir.path());
+        let a = attach(&mut t, "d", 0, 1);
+        assert_eq!((a.acked, a.cursor), (4, 1));
+        t.broadcast(0, 51, NOW + 60_000, b"again", 0).unwrap();
+        assert_eq!(fill_at(&mut t, a.device, NOW)[1], (true, 2, "again".into()));
+    }
+
+    #[test]
+    fn the_cache_bound_evicts_offline_devices_and_reloads_them_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open_with(dir.path(), 8, u64::MAX, NOW);
+        for d in 0..10 {
+            for m in 0..4 {
+                push(&mut t, &format!("d{d}"), d * 10 + m, NOW + 60_000, &format!("{d}-{m}")).unwrap();
+            }
+        }
+        assert!(t.hot_msgs() <= 8, "bounded: {}", t.hot_msgs());
+        assert!(t.stats.evictions >= 8);
+        assert_eq!(t.queued(), 40);
+        for d in 0..10 {
+            let a = t.attach(0, &format!("d{d}"), 0, 0, d as usize, NOW, 0);
+            assert_eq!(a.pending, 4);
+            let got: Vec<String> = fill_at(&mut t, a.device, NOW).into_iter().map(|m| m.2).collect();
+            assert_eq!(got, [format!("{d}-0"), format!("{d}-1"), format!("{d}-2")], "window 3, in order");
+            t.on_ack(a.device, 3, 0, 0);
+            t.detach(a.device, d as usize, NOW);
+        }
+        assert!(t.stats.loads >= 8);
+        assert_eq!(t.queued(), 10);
+        assert!(t.hot_msgs() <= 8);
+    }
+
+    /// Runs the shard's once-a-second store maintenance.
+    fn maintain(t: &mut DeviceTable, now: u64) {
+        if t.store.segments() > 2 {
+            t.compact(0.5, now);
+        }
+        let dead = t.store.dead_segments();
+        t.store.delete(&dead).unwrap();
+    }
+
+    #[test]
+    fn disk_use_stays_within_a_small_factor_of_live_data_under_steady_push_and_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open(dir.path());
+        let devices: Vec<usize> = (0..20).map(|i| attach(&mut t, &format!("d{i}"), 0, i).device).collect();
+        // One slow device keeps a few old messages pending, so old segments stay partly live.
+        let slow = push(&mut t, "slow", 0, NOW + 3_600_000, "kept").map(|_| t.find(0, "slow").unwrap()).unwrap();
+        let mut worst = 0f64;
+        for round in 0..400u64 {
+            for &k in &devices {
+                t.enqueue(k, round, NOW + 3_600_000, &[7u8; 64], 0).unwrap();
+                fill_at(&mut t, k, NOW);
+                let upto = t.device(k).acked() + 1;
+                t.on_ack(k, upto, 0, 0);
+            }
+            if round % 100 == 50 && t.device(slow).pending() < 5 {
+                push(&mut t, "slow", round, NOW + 3_600_000, "kept").unwrap();
+            }
+            maintain(&mut t, NOW);
+            let live = t.store.live_bytes().max(1) as f64;
+            let disk = t.store.disk_bytes() as f64 - SEG as f64; // the active segment is preallocated
+            worst = worst.max(disk / live);
+        }
+        assert!(t.store.stats.appends > 8000);
+        assert!(t.store.stats.segments_deleted > 100, "{:?}", t.store.stats);
+        assert!(t.store.stats.compactions > 0, "{:?}", t.store.stats);
+        assert!(t.store.segments() <= 4, "{} segments", t.store.segments());
+        assert!(worst < 8.0, "disk / live reached {worst}");
+        // Nothing pending was lost on the way.
+        let a = attach(&mut t, "slow", 0, 99);
+        assert_eq!(a.pending, 5);
+        assert_eq!(fill_at(&mut t, a.device, NOW).len(), 3);
+        drop(t);
+        let mut t = open(dir.path());
+        assert_eq!(attach(&mut t, "slow", 0, 99).pending, 5);
+    }
+
+    #[test]
+    fn a_full_store_refuses_pushes_keeps_what_it_accepted_and_recovers_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open_with(dir.path(), usize::MAX, 3 * SEG as u64, NOW);
+        let mut accepted = 0;
+        let err = loop {
+            match push(&mut t, &format!("d{}", accepted % 40), accepted, NOW + 60_000, "payload-payload") {
+                Ok(_) => accepted += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err, ErrorCode::STORAGE_FULL);
+        assert!(t.stats.store_errors >= 1);
+        assert_eq!(t.queued(), accepted);
+        // Deliver and ack everything: the space comes back and pushes are taken again.
+        for d in 0..40 {
+            let a = t.attach(0, &format!("d{d}"), 0, 0, d, NOW, 0);
+            while !fill_at(&mut t, a.device, NOW).is_empty() {
+                let upto = t.device(a.device).acked() + 3;
+                t.on_ack(a.device, upto, 0, 0);
+            }
+        }
+        assert_eq!(t.queued(), 0);
+        maintain(&mut t, NOW);
+        maintain(&mut t, NOW);
+        push(&mut t, "d0", 999, NOW + 60_000, "again").expect("room after reclaiming");
     }
 
     #[test]

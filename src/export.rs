@@ -23,12 +23,28 @@ fn describe() {
     c("ringpush_bytes_total", "Bytes read and written on device and app sockets.");
     c("ringpush_pushes_total", "Push requests answered, by kind and result.");
     c("ringpush_messages_total", "Messages (one push to one device), by event.");
+    c("ringpush_store_errors_total", "Store writes or flushes that failed (disk full, I/O error).");
+    c("ringpush_cache_evictions_total", "Devices whose queued-message references left the heap (LRU).");
+    c("ringpush_cache_loads_total", "Cold devices whose queue was read back from the store.");
+    c("ringpush_store_compacted_records_total", "Live records copied forward by compaction.");
+    c("ringpush_store_appends_total", "Records appended to the store.");
+    c("ringpush_store_append_bytes_total", "Bytes appended to the store (record headers and padding included).");
+    c("ringpush_store_flushes_total", "Store flushes (fdatasync rounds).");
+    c("ringpush_store_segments_deleted_total", "Segment files deleted once nothing in them was needed.");
+    c("ringpush_store_compactions_total", "Segments compacted (live records moved, segment freed).");
+    c("ringpush_store_full_total", "Times a new segment could not be made (budget or disk full).");
     let g = |n: &'static str, h: &'static str| metrics::describe_gauge!(n, h);
     g("ringpush_sessions", "Connected device sessions.");
     g("ringpush_app_connections", "Open app connections.");
     g("ringpush_devices", "Device records held in memory.");
     g("ringpush_queued_messages", "Messages waiting for a device or its ack.");
     g("ringpush_shards", "Shards answering this scrape.");
+    g("ringpush_store_bytes", "Disk used by the store (segment files; the active one at its preallocated size).");
+    g("ringpush_store_live_bytes", "Bytes of store records still needed (pending messages, registry, broadcasts).");
+    g("ringpush_store_segments", "Store segment files.");
+    g("ringpush_broadcasts_stored", "Broadcasts kept in the per-app logs.");
+    g("ringpush_cache_messages", "Queued-message references held on the heap (the LRU's size).");
+    g("ringpush_store_recovery_damaged_bytes", "Bytes cut or skipped as torn or corrupt by the last recovery.");
 }
 
 /// Prometheus text for the given snapshots.
@@ -51,8 +67,8 @@ pub fn prometheus(snaps: &[ShardSnapshot]) -> String {
                 ("ringpush_devices", s.devices),
                 ("ringpush_queued_messages", s.queued_messages),
             ];
-            for (name, v) in gauges {
-                metrics::gauge!(name, "shard" => shard.clone()).set(v as f64);
+            for (name, v) in gauges.iter().chain(&s.gauges) {
+                metrics::gauge!(*name, "shard" => shard.clone()).set(*v as f64);
             }
         }
     });
@@ -113,6 +129,7 @@ pub fn json(snaps: &[ShardSnapshot]) -> serde_json::Value {
             "app_connections": s.app_connections,
             "devices": s.devices,
             "queued_messages": s.queued_messages,
+            "gauges": s.gauges.iter().map(|(n, v)| (n.to_string(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>(),
             "counters": counters,
         })
     };
@@ -141,6 +158,7 @@ mod tests {
             app_connections: 1,
             devices: 3,
             queued_messages: 4,
+            gauges: vec![("ringpush_store_segments", 2)],
             counters: vec![("ringpush_messages_total", vec![("event", "written")], written)],
             latency_us: vec![],
             hists: vec![(Stage::Write, h)],

@@ -6,7 +6,7 @@
 //! | endpoint | answer |
 //! |---|---|
 //! | `GET /healthz` | 200 `ok` while the process runs |
-//! | `GET /readyz` | 200 `ready` once every shard accepts connections; 503 while starting or shutting down |
+//! | `GET /readyz` | 200 `ready` once every shard accepts connections; 503 `recovering` while the store is being recovered, `starting` or `shutting down` otherwise |
 //! | `GET /metrics` | Prometheus text: every shard's counters and gauges, merged latency summaries |
 //! | `GET /stats` | the same as JSON, for `ringpush stats` |
 //!
@@ -28,12 +28,41 @@ pub enum Route {
     Stats,
 }
 
+/// Whether the box takes traffic, for `/readyz`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Shards are rebuilding their indexes from the store.
+    Recovering,
+    /// Recovered, listeners not all up yet.
+    Starting,
+    ShuttingDown,
+}
+
+impl Readiness {
+    pub fn of(core: &ShardCore) -> Readiness {
+        if core.draining.get() || core.shutdown_requested() {
+            Readiness::ShuttingDown
+        } else if !core.shared.all_recovered() {
+            Readiness::Recovering
+        } else if !core.shared.ready.load(Ordering::Relaxed) {
+            Readiness::Starting
+        } else {
+            Readiness::Ready
+        }
+    }
+}
+
 /// Routes a request by method and path.
-pub fn route(method: &str, path: &str, ready: bool) -> Route {
+pub fn route(method: &str, path: &str, ready: Readiness) -> Route {
     match (method, path) {
         ("GET" | "HEAD", "/healthz") => Route::Fixed(200, "ok\n"),
-        ("GET" | "HEAD", "/readyz") if ready => Route::Fixed(200, "ready\n"),
-        ("GET" | "HEAD", "/readyz") => Route::Fixed(503, "not ready\n"),
+        ("GET" | "HEAD", "/readyz") => match ready {
+            Readiness::Ready => Route::Fixed(200, "ready\n"),
+            Readiness::Recovering => Route::Fixed(503, "recovering\n"),
+            Readiness::Starting => Route::Fixed(503, "starting\n"),
+            Readiness::ShuttingDown => Route::Fixed(503, "shutting down\n"),
+        },
         ("GET" | "HEAD", "/metrics") => Route::Metrics,
         ("GET" | "HEAD", "/stats") => Route::Stats,
         ("GET" | "HEAD", _) => Route::Fixed(404, "not found\n"),
@@ -56,8 +85,7 @@ pub async fn handle(core: Rc<ShardCore>, mut stream: TcpStream) {
             let mut req = httparse::Request::new(&mut headers);
             match req.parse(&buf[..len]) {
                 Ok(httparse::Status::Complete(_)) => {
-                    let ready = core.shared.ready.load(Ordering::Relaxed) && !core.draining.get();
-                    break route(req.method.unwrap_or(""), req.path.unwrap_or(""), ready);
+                    break route(req.method.unwrap_or(""), req.path.unwrap_or(""), Readiness::of(&core));
                 }
                 Ok(httparse::Status::Partial) if len < buf.len() => continue,
                 _ => break Route::Fixed(400, "bad request\n"),
@@ -94,16 +122,17 @@ pub async fn handle(core: Rc<ShardCore>, mut stream: TcpStream) {
 
 #[cfg(test)]
 mod tests {
-    use super::{route, Route};
+    use super::{route, Readiness, Route};
 
     #[test]
     fn routes() {
-        assert_eq!(route("GET", "/healthz", false), Route::Fixed(200, "ok\n"));
-        assert_eq!(route("GET", "/readyz", true), Route::Fixed(200, "ready\n"));
-        assert!(matches!(route("GET", "/readyz", false), Route::Fixed(503, _)));
-        assert_eq!(route("GET", "/metrics", false), Route::Metrics);
-        assert_eq!(route("GET", "/stats", false), Route::Stats);
-        assert!(matches!(route("GET", "/nope", true), Route::Fixed(404, _)));
-        assert!(matches!(route("POST", "/healthz", true), Route::Fixed(405, _)));
+        assert_eq!(route("GET", "/healthz", Readiness::Ready), Route::Fixed(200, "ok\n"));
+        assert_eq!(route("GET", "/readyz", Readiness::Ready), Route::Fixed(200, "ready\n"));
+        assert_eq!(route("GET", "/readyz", Readiness::Recovering), Route::Fixed(503, "recovering\n"));
+        assert_eq!(route("GET", "/readyz", Readiness::ShuttingDown), Route::Fixed(503, "shutting down\n"));
+        assert_eq!(route("GET", "/metrics", Readiness::Ready), Route::Metrics);
+        assert_eq!(route("GET", "/stats", Readiness::Ready), Route::Stats);
+        assert!(matches!(route("GET", "/nope", Readiness::Ready), Route::Fixed(404, _)));
+        assert!(matches!(route("POST", "/healthz", Readiness::Ready), Route::Fixed(405, _)));
     }
 }

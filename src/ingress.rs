@@ -307,6 +307,12 @@ fn handle_push(core: &Rc<ShardCore>, key: usize, p: &Push<'_>) {
         };
         let Some(tx) = &core.requests[shard] else {
             match core.apply_push(&req) {
+                // The reply waits for the flush, which runs after this request is
+                // registered as pending.
+                Ok(n) if core.needs_flush() => {
+                    pending.remaining += 1;
+                    core.commit(Reply::PushDone { to: reply_to, request_id: p.request_id, result: Ok(n) });
+                }
                 Ok(_) => pending.ok = true,
                 Err(e) => pending.err = Some(e),
             }

@@ -157,6 +157,13 @@ pub fn run_with_clock(
         }
     }
 
+    check_store_layout(&cfg.data_dir, n)?;
+    if cfg.store_max_bytes != 0 && cfg.store_max_bytes / (n as u64) < 2 * cfg.segment_bytes {
+        return Err(format!(
+            "store_max_bytes {} leaves each of the {n} shards less than two segments of {} bytes",
+            cfg.store_max_bytes, cfg.segment_bytes
+        ));
+    }
     let shared = Arc::new(Shared::new(cfg, clock, n, shutdown));
     let (ready_tx, ready_rx) = mpsc::channel::<usize>();
     let mut handles = Vec::with_capacity(n);
@@ -186,6 +193,29 @@ pub fn run_with_clock(
         Err("a shard stopped abnormally".into())
     } else {
         Ok(())
+    }
+}
+
+/// The store is partitioned by shard (a device's messages live with its owner), so a
+/// data dir written with one shard count cannot be served with another: refuse
+/// instead of leaving devices' messages in partitions nobody reads.
+fn check_store_layout(data_dir: &std::path::Path, n: usize) -> Result<(), String> {
+    let dir = data_dir.join("store");
+    let path = dir.join("LAYOUT");
+    let want = format!("shards = {n}\n");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s == want => Ok(()),
+        Ok(s) => Err(format!(
+            "the store in {} was written by a box with {}; start with that many shards (config key shards) — \
+             moving a store to another shard count is not supported",
+            dir.display(),
+            s.trim()
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            std::fs::write(&path, want).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
 }
 
@@ -261,16 +291,55 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
         .detach();
     }
 
-    // SAFETY: the fds are listening sockets created for this shard and owned by it.
-    let device_listener = unsafe { TcpListener::from_raw_fd(boot.device_fd.into_raw_fd()) };
-    let app_listener = unsafe { TcpListener::from_raw_fd(boot.app_fd.into_raw_fd()) };
-    let device_accept = accept_loop(Rc::clone(&core), device_listener, "device", crate::session::handshake);
-    let app_accept = accept_loop(Rc::clone(&core), app_listener, "app", crate::ingress::handshake);
+    // HTTP first, so /healthz and /readyz answer while the store recovers.
     let http = boot.http_fd.map(|fd| {
         // SAFETY: the HTTP listening socket was created for this shard and is owned by it.
         let l = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
         accept_loop(Rc::clone(&core), l, "http", crate::http::handle)
     });
+
+    // Recover the store partition on glommio's blocking thread (the executor keeps
+    // serving HTTP meanwhile), then wait for every shard: none accepts a connection
+    // before all can take the pushes and hand-overs it would route to them.
+    let started = Instant::now();
+    let (dir, (sopts, topts)) = (core.shared.store_dir(id), core.shared.table_options());
+    let (apps, now) = (core.shared.app_ids(), core.now_ms());
+    let d = dir.clone();
+    let table = glommio::executor()
+        .spawn_blocking(move || crate::devices::DeviceTable::open(&d, sopts, apps, topts, now))
+        .await;
+    let table = match table {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(shard = id, "cannot open the store in {}: {e}", dir.display());
+            return;
+        }
+    };
+    let r = &table.store.report;
+    tracing::info!(
+        shard = id,
+        segments = r.segments,
+        records = r.records,
+        devices = table.len(),
+        queued = table.queued(),
+        truncated_bytes = r.truncated_bytes,
+        skipped_bytes = r.skipped_bytes,
+        bad_segments = r.bad_segments,
+        "store recovered in {:?}",
+        started.elapsed()
+    );
+    core.state.borrow_mut().table = table;
+    core.shared.recovered.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    while !core.shared.all_recovered() {
+        glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    glommio::spawn_local(Rc::clone(&core).flusher()).detach();
+
+    // SAFETY: the fds are listening sockets created for this shard and owned by it.
+    let device_listener = unsafe { TcpListener::from_raw_fd(boot.device_fd.into_raw_fd()) };
+    let app_listener = unsafe { TcpListener::from_raw_fd(boot.app_fd.into_raw_fd()) };
+    let device_accept = accept_loop(Rc::clone(&core), device_listener, "device", crate::session::handshake);
+    let app_accept = accept_loop(Rc::clone(&core), app_listener, "app", crate::ingress::handshake);
     let _ = ready.send(id);
     drop(ready);
 
@@ -297,5 +366,6 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
             }
         }
     }
+    core.flush_store();
     tracing::info!(shard = id, "shard stopped");
 }

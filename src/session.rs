@@ -189,6 +189,7 @@ struct HelloOk {
     app: u16,
     device: String,
     last_acked: u64,
+    cursor: u64,
 }
 
 /// Serves a freshly accepted device connection until its HELLO is verified, then
@@ -208,7 +209,8 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
         let app = find_app(&c, h.app_id)?;
         let now_secs = c.now_ms() / 1000;
         DeviceToken(h.token).verify(c.shared.secret(app), h.app_id, h.device_id, now_secs)?;
-        Ok(Some((HelloOk { app, device: h.device_id.to_string(), last_acked: h.last_acked_seq }, used)))
+        let device = h.device_id.to_string();
+        Ok(Some((HelloOk { app, device, last_acked: h.last_acked_seq, cursor: h.broadcast_cursor }, used)))
     };
     let res = read_handshake(&core, &mut stream, Role::Device, limits.max_frame, verify).await;
     let (hello, leftover) = match res {
@@ -227,7 +229,7 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
     let app_id = &core.cfg().apps[hello.app as usize].id;
     let owner = shard_for(app_id, &hello.device, core.shared.shards);
     let Some(tx) = &core.requests[owner] else {
-        return attach(&core, stream, hello.app, &hello.device, hello.last_acked, &leftover);
+        return attach(&core, stream, hello.app, &hello.device, (hello.last_acked, hello.cursor), &leftover);
     };
     // Hand the socket to its owner: a duplicate fd travels, this one closes.
     // SAFETY: dup returns a new descriptor we own, or -1 which is checked.
@@ -237,7 +239,14 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
     }
     // SAFETY: fd is a fresh descriptor owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let req = Request::HandOff { fd, app: hello.app, device: hello.device, last_acked: hello.last_acked, leftover };
+    let req = Request::HandOff {
+        fd,
+        app: hello.app,
+        device: hello.device,
+        last_acked: hello.last_acked,
+        cursor: hello.cursor,
+        leftover,
+    };
     match tx.try_send(req) {
         Ok(()) => {
             core.state.borrow_mut().stats.handed_off += 1;
@@ -252,7 +261,8 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
 }
 
 /// Binds a verified device connection to a session on this (its owner) shard.
-pub fn attach(core: &Rc<ShardCore>, stream: TcpStream, app: u16, device: &str, last_acked: u64, leftover: &[u8]) {
+/// `acks` is the device's own (last acked seq, broadcast cursor) from its HELLO.
+pub fn attach(core: &Rc<ShardCore>, stream: TcpStream, app: u16, device: &str, acks: (u64, u64), leftover: &[u8]) {
     if core.draining.get() {
         let e = HandshakeError::new(ErrorCode::SHUTTING_DOWN, "server shutting down");
         glommio::spawn_local(reject(stream, Role::Device, e)).detach();
@@ -264,7 +274,7 @@ pub fn attach(core: &Rc<ShardCore>, stream: TcpStream, app: u16, device: &str, l
         let st = &mut *core.state.borrow_mut();
         let gen = st.gen();
         let key = st.sessions.vacant_key();
-        let a = st.table.attach(app, device, last_acked, key, mono_us());
+        let a = st.table.attach(app, device, acks.0, acks.1, key, now, mono_us());
         let mut out = Vec::with_capacity(PREAMBLE_LEN + 64);
         out.extend_from_slice(&server_preamble(Role::Device));
         DeviceFrame::Welcome(Welcome {
@@ -272,7 +282,7 @@ pub fn attach(core: &Rc<ShardCore>, stream: TcpStream, app: u16, device: &str, l
             max_frame: core.cfg().max_device_frame,
             server_time_ms: now,
             acked_seq: a.acked,
-            broadcast_cursor: 0,
+            broadcast_cursor: a.cursor,
             pending: a.pending,
         })
         .encode(&mut out);
@@ -310,7 +320,7 @@ pub fn attach(core: &Rc<ShardCore>, stream: TcpStream, app: u16, device: &str, l
         {
             let st = &mut *core.state.borrow_mut();
             let s = st.sessions.remove(key);
-            st.table.detach(s.device, key);
+            st.table.detach(s.device, key, core.now_ms());
             st.stats.sessions_closed += 1;
         }
         if graceful {
@@ -346,7 +356,7 @@ pub fn on_device_bytes(core: &ShardCore, key: usize, data: &[u8]) {
             Ok(Some((frame, n))) => {
                 pos += n;
                 match frame {
-                    DeviceFrame::Ack(a) => table.on_ack(s.device, a.seq, mono_us()),
+                    DeviceFrame::Ack(a) => table.on_ack(s.device, a.seq, a.broadcast_seq, mono_us()),
                     DeviceFrame::Ping(nonce) => DeviceFrame::Pong(nonce).encode(&mut s.out),
                     DeviceFrame::Pong(_) => {}
                     DeviceFrame::Bye(_) => s.close = Some(Close::Quiet),

@@ -11,7 +11,8 @@
 use crate::clock::mono_us;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::devices::{Counts, DeviceTable, QueueLimits};
+use crate::config::Durability;
+use crate::devices::{Counts, DeviceTable, QueueLimits, TableOptions};
 use crate::stats::{CounterRow, Hist, PushKind, PushResult, ShardSnapshot, Stage, KINDS, RESULTS};
 use crate::timer::TimerWheel;
 use glommio::channels::shared_channel::ConnectedSender;
@@ -21,7 +22,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,16 +44,48 @@ pub struct Shared {
     pub shutdown: Arc<AtomicBool>,
     /// Every shard accepts connections (set once by the main thread; read by /readyz).
     pub ready: AtomicBool,
+    /// Shards whose store partition is recovered.
+    pub recovered: AtomicUsize,
 }
 
 impl Shared {
     pub fn new(cfg: Config, clock: Arc<dyn Clock>, shards: usize, shutdown: Arc<AtomicBool>) -> Self {
         let app_index = cfg.apps.iter().enumerate().map(|(i, a)| (a.id.clone(), i as u16)).collect();
-        Shared { cfg, app_index, clock, shards, shutdown, ready: AtomicBool::new(false) }
+        Shared { cfg, app_index, clock, shards, shutdown, ready: AtomicBool::new(false), recovered: AtomicUsize::new(0) }
     }
 
     pub fn secret(&self, app: u16) -> &[u8] {
         self.cfg.apps[app as usize].secret.as_bytes()
+    }
+
+    /// Whether every shard's store partition is recovered.
+    pub fn all_recovered(&self) -> bool {
+        self.recovered.load(Ordering::Acquire) >= self.shards
+    }
+
+    /// Where shard `id` keeps its store partition.
+    pub fn store_dir(&self, id: usize) -> std::path::PathBuf {
+        self.cfg.data_dir.join("store").join(format!("shard-{id}"))
+    }
+
+    /// The sizes each shard's store and table work within.
+    pub fn table_options(&self) -> (crate::store::StoreOptions, TableOptions) {
+        let cfg = &self.cfg;
+        let n = self.shards as u64;
+        let max_bytes = if cfg.store_max_bytes == 0 { u64::MAX } else { cfg.store_max_bytes / n };
+        let sopts = crate::store::StoreOptions { segment_bytes: cfg.segment_bytes as usize, max_bytes };
+        let limits = QueueLimits {
+            window: cfg.window,
+            max_msgs: cfg.max_queued_per_device,
+            max_bytes: cfg.max_queued_bytes_per_device,
+        };
+        let cache_msgs = (cfg.cache_bytes / n / std::mem::size_of::<crate::devices::QueuedMsg>() as u64) as usize;
+        let topts = TableOptions { limits, receipts: cfg.receipts_per_shard, cache_msgs, latencies: cfg.metrics };
+        (sopts, topts)
+    }
+
+    pub fn app_ids(&self) -> Vec<Box<str>> {
+        self.cfg.apps.iter().map(|a| a.id.as_str().into()).collect()
     }
 }
 
@@ -94,6 +127,7 @@ pub enum Request {
         app: u16,
         device: String,
         last_acked: u64,
+        cursor: u64,
         /// Bytes the device sent after its HELLO.
         leftover: Vec<u8>,
     },
@@ -183,6 +217,18 @@ pub struct ShardState {
     pub handshake_lat: Hist,
     /// PUSH decoded → reply queued.
     pub push_lat: Hist,
+    /// A push share written to this shard's store (all its records).
+    pub append_lat: Hist,
+    /// One flush (`fdatasync` of the segments written since the last).
+    pub flush_lat: Hist,
+    /// Replies waiting for a flush: the append count the flush must cover, the reply.
+    pub commits: std::collections::VecDeque<(u64, Reply)>,
+    /// Wakes the flusher task.
+    pub flusher: Option<std::task::Waker>,
+    /// Dead segments wait for a flush before they are deleted.
+    pub reclaim_due: bool,
+    /// Next store maintenance (compaction, reclaiming), unix ms.
+    pub maint_at: u64,
     pub next_gen: u32,
     next_push: u64,
     /// Scrapes this shard is gathering: scrape id → snapshots so far, and the waiter.
@@ -220,19 +266,22 @@ impl ShardCore {
     ) -> Self {
         let cfg = &shared.cfg;
         let now = shared.clock.now_ms();
-        let limits = QueueLimits {
-            window: cfg.window,
-            max_msgs: cfg.max_queued_per_device,
-            max_bytes: cfg.max_queued_bytes_per_device,
-        };
+        let (_, topts) = shared.table_options();
         let state = ShardState {
-            table: DeviceTable::new(cfg.apps.len(), limits, cfg.receipts_per_shard, now, cfg.metrics),
+            // Replaced by the recovered table before any connection is accepted.
+            table: DeviceTable::new(shared.app_ids(), topts, now),
             sessions: Slab::new(),
             apps: Slab::new(),
             wheel: TimerWheel::new(1024, TICK.as_millis() as u64, now),
             stats: ShardStats::default(),
             handshake_lat: Hist::new(cfg.metrics),
             push_lat: Hist::new(cfg.metrics),
+            append_lat: Hist::new(cfg.metrics),
+            flush_lat: Hist::new(cfg.metrics),
+            commits: std::collections::VecDeque::new(),
+            flusher: None,
+            reclaim_due: false,
+            maint_at: 0,
             next_gen: 0,
             next_push: 0,
             scrapes: HashMap::new(),
@@ -265,28 +314,31 @@ impl ShardCore {
         (self.id as u64) << 48 | (st.next_push & ((1 << 48) - 1))
     }
 
-    /// Applies a push to this shard's devices; wakes the sessions that got mail.
+    /// Applies a push to this shard's devices (stored before this returns; flushed
+    /// per the durability policy by the flusher); wakes the sessions that got mail.
     pub fn apply_push(&self, p: &PushReq) -> Result<u64, ErrorCode> {
         let now_us = mono_us();
+        let now_ms = self.now_ms();
         let st = &mut *self.state.borrow_mut();
-        let ShardState { table, sessions, .. } = st;
+        let ShardState { table, sessions, append_lat, .. } = st;
         // Waking only schedules the session task, so it can happen under the borrow.
         let wake = |key: usize| {
             if let Some(w) = sessions.get(key).and_then(|s| s.waker.as_ref()) {
                 w.wake_by_ref();
             }
         };
-        match &p.targets {
+        let result = match &p.targets {
             Targets::App => {
-                let mut keys = Vec::new();
-                let n = table.broadcast(p.app, p.push_id, p.expiry_ms, &p.payload, &mut keys, now_us);
-                keys.into_iter().for_each(wake);
-                Ok(n)
+                let n = table.broadcast(p.app, p.push_id, p.expiry_ms, &p.payload, now_us);
+                if n.is_ok() {
+                    table.app_sessions(p.app).for_each(wake);
+                }
+                n
             }
             Targets::Devices(ids) => {
                 let (mut ok, mut err) = (0u64, None);
                 for id in ids {
-                    match table.enqueue_to(p.app, id, p.push_id, p.expiry_ms, &p.payload, now_us) {
+                    match table.enqueue_to(p.app, id, p.push_id, p.expiry_ms, &p.payload, now_ms, now_us) {
                         Ok(session) => {
                             ok += 1;
                             session.into_iter().for_each(wake);
@@ -298,6 +350,83 @@ impl ShardCore {
                     (0, Some(e)) => Err(e),
                     _ => Ok(ok),
                 }
+            }
+        };
+        append_lat.record(mono_us().saturating_sub(now_us));
+        result
+    }
+
+    /// Whether an accepted push must wait for a flush before its reply.
+    pub fn needs_flush(&self) -> bool {
+        self.cfg().durability != Durability::Memory
+    }
+
+    /// Sends a push's reply once what it stored is flushed (at once if it failed, or
+    /// with `memory` durability).
+    pub fn commit(self: &Rc<Self>, r: Reply) {
+        let ok = matches!(r, Reply::PushDone { result: Ok(_), .. });
+        if !ok || !self.needs_flush() {
+            return self.reply(r);
+        }
+        let mut st = self.state.borrow_mut();
+        let upto = st.table.store.appended();
+        st.commits.push_back((upto, r));
+        if let Some(w) = st.flusher.take() {
+            w.wake();
+        }
+    }
+
+    /// The flusher: one `fdatasync` round covers every push stored before it began
+    /// (group commit), then their replies go out and dead segments are deleted. Runs
+    /// as a task on the shard; the blocking `fdatasync` runs on glommio's blocking
+    /// thread so the shard keeps serving.
+    pub async fn flusher(self: Rc<Self>) {
+        let batched = self.cfg().durability == Durability::Batched;
+        let window = self.cfg().group_commit;
+        loop {
+            futures_lite::future::poll_fn(|cx| {
+                let mut st = self.state.borrow_mut();
+                if !st.commits.is_empty() || st.reclaim_due {
+                    std::task::Poll::Ready(())
+                } else {
+                    st.flusher = Some(cx.waker().clone());
+                    std::task::Poll::Pending
+                }
+            })
+            .await;
+            if batched && !window.is_zero() {
+                glommio::timer::sleep(window).await;
+            }
+            let (upto, files, dead) = {
+                let st = &mut *self.state.borrow_mut();
+                st.reclaim_due = false;
+                let dead = st.table.store.dead_segments();
+                let (upto, files) = st.table.store.flush_files();
+                (upto, files, dead)
+            };
+            let started = mono_us();
+            let res = glommio::executor()
+                .spawn_blocking(move || files.iter().try_for_each(|f| f.sync_data()))
+                .await;
+            let ready: Vec<Reply> = {
+                let st = &mut *self.state.borrow_mut();
+                st.flush_lat.record(mono_us().saturating_sub(started));
+                if let Err(e) = &res {
+                    st.table.stats.store_errors += 1;
+                    tracing::error!(shard = self.id, "store flush failed: {e}; the pushes it covered are refused");
+                } else if let Err(e) = st.table.store.delete(&dead) {
+                    tracing::error!(shard = self.id, "{e}");
+                }
+                let n = st.commits.iter().take_while(|(a, _)| *a <= upto).count();
+                st.commits.drain(..n).map(|(_, r)| r).collect()
+            };
+            for mut r in ready {
+                if res.is_err() {
+                    if let Reply::PushDone { result, .. } = &mut r {
+                        *result = Err(ErrorCode::INTERNAL);
+                    }
+                }
+                self.reply(r);
             }
         }
     }
@@ -314,15 +443,15 @@ impl ShardCore {
     /// Handles one request from another shard (or from this one).
     pub fn handle_request(self: &Rc<Self>, req: Request) {
         match req {
-            Request::HandOff { fd, app, device, last_acked, leftover } => {
+            Request::HandOff { fd, app, device, last_acked, cursor, leftover } => {
                 use std::os::fd::{FromRawFd, IntoRawFd};
                 // SAFETY: the accepting shard sent us a descriptor it no longer uses.
                 let stream = unsafe { glommio::net::TcpStream::from_raw_fd(fd.into_raw_fd()) };
-                crate::session::attach(self, stream, app, &device, last_acked, &leftover);
+                crate::session::attach(self, stream, app, &device, (last_acked, cursor), &leftover);
             }
             Request::Push(p) => {
                 let result = self.apply_push(&p);
-                self.reply(Reply::PushDone { to: p.reply_to, request_id: p.request_id, result });
+                self.commit(Reply::PushDone { to: p.reply_to, request_id: p.request_id, result });
             }
             Request::Receipt { reply_to, request_id, push_id } => {
                 let counts = self.state.borrow().table.receipt(push_id);
@@ -361,6 +490,19 @@ impl ShardCore {
             (Stage::Ack, st.table.ack_lat.clone()),
             (Stage::Handshake, st.handshake_lat.clone()),
             (Stage::Push, st.push_lat.clone()),
+            (Stage::Append, st.append_lat.clone()),
+            (Stage::Flush, st.flush_lat.clone()),
+        ];
+        let store = &st.table.store;
+        counters.extend(store.stats.rows());
+        let r = &store.report;
+        let gauges = vec![
+            ("ringpush_store_bytes", store.disk_bytes()),
+            ("ringpush_store_live_bytes", store.live_bytes()),
+            ("ringpush_store_segments", store.segments() as u64),
+            ("ringpush_broadcasts_stored", st.table.broadcasts_kept()),
+            ("ringpush_cache_messages", st.table.hot_msgs() as u64),
+            ("ringpush_store_recovery_damaged_bytes", r.truncated_bytes + r.skipped_bytes),
         ];
         ShardSnapshot {
             shard: self.id,
@@ -368,6 +510,7 @@ impl ShardCore {
             app_connections: st.apps.len() as u64,
             devices: st.table.len() as u64,
             queued_messages: st.table.queued(),
+            gauges,
             counters,
             latency_us: hists.iter().map(|(s, h)| (s.key(), h.summary())).collect(),
             hists,
@@ -414,7 +557,7 @@ impl ShardCore {
     }
 
     /// Sends a reply to the shard holding the app connection, or applies it here.
-    fn reply(self: &Rc<Self>, r: Reply) {
+    pub fn reply(self: &Rc<Self>, r: Reply) {
         let to = match &r {
             Reply::PushDone { to, .. } | Reply::ReceiptPart { to, .. } => to.shard,
             Reply::Snapshot { to, .. } => *to,
@@ -450,6 +593,10 @@ impl ShardCore {
         {
             let st = &mut *self.state.borrow_mut();
             st.table.expire(now);
+            if now >= st.maint_at {
+                st.maint_at = now + 1000;
+                self.maintain_store(st, now);
+            }
             st.wheel.advance(now, &mut fired);
             let hb = self.cfg().heartbeat.as_millis() as u64;
             let slow = self.cfg().slow_device_timeout.as_millis() as u64;
@@ -475,6 +622,35 @@ impl ShardCore {
             }
         }
         self.wake_sessions(&wake);
+    }
+
+    /// Once a second: compact the emptiest old segment when more than two exist, and
+    /// delete segments nothing needs any more (after a flush, unless `memory`).
+    fn maintain_store(&self, st: &mut ShardState, now: u64) {
+        if st.table.store.segments() > 2 {
+            st.table.compact(0.5, now);
+        }
+        if st.table.store.dead_segments().is_empty() {
+            return;
+        }
+        if self.needs_flush() {
+            st.reclaim_due = true;
+            if let Some(w) = st.flusher.take() {
+                w.wake();
+            }
+        } else {
+            let dead = st.table.store.dead_segments();
+            if let Err(e) = st.table.store.delete(&dead) {
+                tracing::error!(shard = self.id, "{e}");
+            }
+        }
+    }
+
+    /// Flushes the store on this thread (at shutdown).
+    pub fn flush_store(&self) {
+        if let Err(e) = self.state.borrow_mut().table.store.flush_now() {
+            tracing::error!(shard = self.id, "final store flush failed: {e}");
+        }
     }
 
     /// Starts an orderly shutdown: BYE to every device, no new requests from apps.

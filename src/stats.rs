@@ -84,10 +84,14 @@ pub enum Stage {
     Handshake,
     /// PUSH request decoded → reply queued to the app.
     Push,
+    /// A push share written to the owner shard's store.
+    Append,
+    /// One store flush (`fdatasync`).
+    Flush,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 4] = [Stage::Write, Stage::Ack, Stage::Handshake, Stage::Push];
+    pub const ALL: [Stage; 6] = [Stage::Write, Stage::Ack, Stage::Handshake, Stage::Push, Stage::Append, Stage::Flush];
 
     pub fn metric(self) -> &'static str {
         match self {
@@ -95,6 +99,8 @@ impl Stage {
             Stage::Ack => "ringpush_push_to_ack_seconds",
             Stage::Handshake => "ringpush_handshake_seconds",
             Stage::Push => "ringpush_push_reply_seconds",
+            Stage::Append => "ringpush_store_append_seconds",
+            Stage::Flush => "ringpush_store_flush_seconds",
         }
     }
 
@@ -104,6 +110,8 @@ impl Stage {
             Stage::Ack => "Time from a push taken by the owner shard to the device's ack of it.",
             Stage::Handshake => "Time from a device connection accepted to its WELCOME queued.",
             Stage::Push => "Time from a PUSH request decoded to its reply queued to the app.",
+            Stage::Append => "Time to write one push's records into the owner shard's store.",
+            Stage::Flush => "Time of one store flush (fdatasync of the segments written since the last).",
         }
     }
 
@@ -113,6 +121,8 @@ impl Stage {
             Stage::Ack => "push_to_ack",
             Stage::Handshake => "handshake",
             Stage::Push => "push_reply",
+            Stage::Append => "store_append",
+            Stage::Flush => "store_flush",
         }
     }
 }
@@ -147,6 +157,8 @@ pub struct ShardSnapshot {
     pub app_connections: u64,
     pub devices: u64,
     pub queued_messages: u64,
+    /// Further gauges (store, cache), by metric name.
+    pub gauges: Vec<(&'static str, u64)>,
     pub counters: Vec<CounterRow>,
     pub latency_us: Vec<(&'static str, Quantiles)>,
     #[serde(skip)]

@@ -147,6 +147,20 @@ pub struct StoreStats {
     pub compactions: u64,
 }
 
+impl StoreStats {
+    /// Counters as (metric, labels, value) rows.
+    pub fn rows(&self) -> Vec<crate::stats::CounterRow> {
+        vec![
+            ("ringpush_store_appends_total", vec![], self.appends),
+            ("ringpush_store_append_bytes_total", vec![], self.append_bytes),
+            ("ringpush_store_flushes_total", vec![], self.flushes),
+            ("ringpush_store_segments_deleted_total", vec![], self.segments_deleted),
+            ("ringpush_store_compactions_total", vec![], self.compactions),
+            ("ringpush_store_full_total", vec![], self.full_rejections),
+        ]
+    }
+}
+
 pub struct Store {
     dir: PathBuf,
     opts: StoreOptions,
@@ -166,13 +180,13 @@ pub enum Record<'a> {
     Device(DeviceRec<'a>),
     Message(MessageRec<'a>),
     Broadcast(BroadcastRec<'a>),
-    Head { app: u16, next_bseq: u64 },
+    Head { app: &'a str, next_bseq: u64 },
 }
 
 /// A device's registry entry; the newest one of a device is the one that counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceRec<'a> {
-    pub app: u16,
+    pub app: &'a str,
     pub id: &'a str,
     pub next_seq: u64,
     pub acked: u64,
@@ -184,7 +198,7 @@ pub struct DeviceRec<'a> {
 /// message record, so a device's pending messages can be found from its newest one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MessageRec<'a> {
-    pub app: u16,
+    pub app: &'a str,
     pub id: &'a str,
     pub seq: u64,
     pub push_id: u64,
@@ -196,7 +210,7 @@ pub struct MessageRec<'a> {
 /// One broadcast, stored once per app and shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BroadcastRec<'a> {
-    pub app: u16,
+    pub app: &'a str,
     pub bseq: u64,
     pub push_id: u64,
     pub expiry_ms: u64,
@@ -214,9 +228,6 @@ impl<'a> Rd<'a> {
         self.0 = b;
         Some(a)
     }
-    fn u16(&mut self) -> Option<u16> {
-        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
-    }
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
@@ -231,7 +242,7 @@ impl<'a> Record<'a> {
         let mut r = Rd(body);
         let rec = match kind {
             KIND_DEVICE => Record::Device(DeviceRec {
-                app: r.u16()?,
+                app: r.id()?,
                 id: r.id()?,
                 next_seq: r.u64()?,
                 acked: r.u64()?,
@@ -239,7 +250,7 @@ impl<'a> Record<'a> {
                 last_seen_ms: r.u64()?,
             }),
             KIND_MESSAGE => Record::Message(MessageRec {
-                app: r.u16()?,
+                app: r.id()?,
                 id: r.id()?,
                 seq: r.u64()?,
                 push_id: r.u64()?,
@@ -248,13 +259,13 @@ impl<'a> Record<'a> {
                 payload: r.take(r.0.len())?,
             }),
             KIND_BROADCAST => Record::Broadcast(BroadcastRec {
-                app: r.u16()?,
+                app: r.id()?,
                 bseq: r.u64()?,
                 push_id: r.u64()?,
                 expiry_ms: r.u64()?,
                 payload: r.take(r.0.len())?,
             }),
-            KIND_HEAD => Record::Head { app: r.u16()?, next_bseq: r.u64()? },
+            KIND_HEAD => Record::Head { app: r.id()?, next_bseq: r.u64()? },
             _ => return None,
         };
         Some(rec)
@@ -270,7 +281,7 @@ impl<'a> Record<'a> {
         };
         match *self {
             Record::Device(d) => {
-                head.extend_from_slice(&d.app.to_le_bytes());
+                id(head, d.app);
                 id(head, d.id);
                 for v in [d.next_seq, d.acked, d.cursor, d.last_seen_ms] {
                     head.extend_from_slice(&v.to_le_bytes());
@@ -278,7 +289,7 @@ impl<'a> Record<'a> {
                 (KIND_DEVICE, &[])
             }
             Record::Message(m) => {
-                head.extend_from_slice(&m.app.to_le_bytes());
+                id(head, m.app);
                 id(head, m.id);
                 for v in [m.seq, m.push_id, m.expiry_ms, m.prev] {
                     head.extend_from_slice(&v.to_le_bytes());
@@ -286,14 +297,14 @@ impl<'a> Record<'a> {
                 (KIND_MESSAGE, m.payload)
             }
             Record::Broadcast(b) => {
-                head.extend_from_slice(&b.app.to_le_bytes());
+                id(head, b.app);
                 for v in [b.bseq, b.push_id, b.expiry_ms] {
                     head.extend_from_slice(&v.to_le_bytes());
                 }
                 (KIND_BROADCAST, b.payload)
             }
             Record::Head { app, next_bseq } => {
-                head.extend_from_slice(&app.to_le_bytes());
+                id(head, app);
                 head.extend_from_slice(&next_bseq.to_le_bytes());
                 (KIND_HEAD, &[])
             }
@@ -470,6 +481,21 @@ impl Store {
         };
         self.segs.insert(id, Segment { file: Arc::new(file), map: Map::Sealed(map), len: end, live: 0 });
         Ok(())
+    }
+
+    /// A store that is not open yet: holds nothing and refuses appends. A shard uses
+    /// it until recovery hands over the real one.
+    pub fn closed() -> Store {
+        Store {
+            dir: PathBuf::new(),
+            opts: StoreOptions { segment_bytes: SEG_HEADER + 2 * REC_HEADER, max_bytes: 0 },
+            segs: BTreeMap::new(),
+            active: None,
+            appended: 0,
+            dirty: Vec::new(),
+            stats: StoreStats::default(),
+            report: RecoveryReport::default(),
+        }
     }
 
     /// Disk bytes the partition holds (the active segment at its preallocated size).
@@ -685,7 +711,7 @@ mod tests {
     }
 
     fn msg<'a>(id: &'a str, seq: u64, payload: &'a [u8]) -> Record<'a> {
-        Record::Message(MessageRec { app: 1, id, seq, push_id: seq * 10, expiry_ms: 99, prev: NO_LOC, payload })
+        Record::Message(MessageRec { app: "a", id, seq, push_id: seq * 10, expiry_ms: 99, prev: NO_LOC, payload })
     }
 
     fn read_all(dir: &Path) -> (Vec<(Loc, String)>, RecoveryReport) {
@@ -710,10 +736,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut h = Vec::new();
         let recs = [
-            Record::Device(DeviceRec { app: 3, id: "dev", next_seq: 5, acked: 4, cursor: 2, last_seen_ms: 77 }),
+            Record::Device(DeviceRec { app: "news", id: "dev", next_seq: 5, acked: 4, cursor: 2, last_seen_ms: 77 }),
             msg("dev", 5, b"hello"),
-            Record::Broadcast(BroadcastRec { app: 3, bseq: 9, push_id: 1, expiry_ms: 2, payload: b"all" }),
-            Record::Head { app: 3, next_bseq: 10 },
+            Record::Broadcast(BroadcastRec { app: "news", bseq: 9, push_id: 1, expiry_ms: 2, payload: b"all" }),
+            Record::Head { app: "news", next_bseq: 10 },
         ];
         let mut s = Store::open(dir.path(), opts(), |_, _| panic!("empty store")).unwrap();
         let locs: Vec<Loc> = recs.iter().map(|r| s.append(r, &mut h).unwrap()).collect();
@@ -732,16 +758,16 @@ mod tests {
     fn segment_header_and_record_layout_are_as_documented() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(dir.path(), opts(), |_, _| {}).unwrap();
-        s.append(&Record::Head { app: 1, next_bseq: 2 }, &mut Vec::new()).unwrap();
+        s.append(&Record::Head { app: "ab", next_bseq: 2 }, &mut Vec::new()).unwrap();
         s.flush_now().unwrap();
         let bytes = std::fs::read(dir.path().join("0000000001.seg")).unwrap();
         assert_eq!(&bytes[..8], b"RPSHSEG1");
         assert_eq!(&bytes[8..12], &1u32.to_le_bytes());
         let r = &bytes[SEG_HEADER..SEG_HEADER + 24];
-        assert_eq!(&r[4..12], &[10, 0, 0, 0, KIND_HEAD, 0, 0, 0]);
-        assert_eq!(&r[12..22], &[1, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(&r[22..24], &[0, 0], "padding to 8");
-        assert_eq!(u32::from_le_bytes(r[0..4].try_into().unwrap()), crc32c::crc32c(&r[4..22]));
+        assert_eq!(&r[4..12], &[11, 0, 0, 0, KIND_HEAD, 0, 0, 0]);
+        assert_eq!(&r[12..23], &[2, b'a', b'b', 2, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&r[23..24], &[0], "padding to 8");
+        assert_eq!(u32::from_le_bytes(r[0..4].try_into().unwrap()), crc32c::crc32c(&r[4..23]));
     }
 
     /// Writes `n` messages, seals, and returns the segment file's bytes.
