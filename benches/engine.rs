@@ -3,8 +3,8 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use ringpush::devices::{DeviceTable, QueueLimits, TableOptions};
-use ringpush::store::StoreOptions;
 use ringpush::routing::shard_for;
+use ringpush::store::StoreOptions;
 use ringpush::timer::TimerWheel;
 
 fn placement(c: &mut Criterion) {

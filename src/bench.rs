@@ -154,8 +154,15 @@ impl Spawned {
             .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| format!("cannot start the box: {e}"))?;
+        // The box says "recovering" first, then "ready" with its addresses.
+        let mut out = BufReader::new(child.stdout.take().expect("piped"));
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line).map_err(|e| e.to_string())?;
+        while !line.starts_with("ringpush ready") {
+            line.clear();
+            if out.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                break;
+            }
+        }
         let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok());
         match (field("device="), field("app=")) {
             (Some(device), Some(app)) => Ok(Spawned { child, device, app, _dir: dir }),

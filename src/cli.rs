@@ -221,7 +221,12 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         profile = if cfg!(debug_assertions) { "debug" } else { "release" },
         "starting ringpush"
     );
-    crate::server::run(cfg, shutdown, |r| {
+    let recovering = |http: std::net::SocketAddr| {
+        tracing::info!(http = %http, "recovering the store; /healthz and /readyz answer meanwhile");
+        println!("ringpush recovering http={http}");
+        let _ = std::io::stdout().flush();
+    };
+    crate::server::run(cfg, shutdown, recovering, |r| {
         tracing::info!(
             shards = r.shards, cpus = ?r.cpus, device = %r.device_addr, app = %r.app_addr,
             http = %r.http_addr, "ready"

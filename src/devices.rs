@@ -427,8 +427,7 @@ impl DeviceTable {
             self.evict_over_bound(now_ms);
         }
         for app in 0..self.logs.len() {
-            let mut cursors: Vec<u64> =
-                self.index[app].values().map(|&k| self.devices[k].cursor).collect::<Vec<_>>();
+            let mut cursors: Vec<u64> = self.index[app].values().map(|&k| self.devices[k].cursor).collect::<Vec<_>>();
             cursors.sort_unstable();
             let log = &mut self.logs[app];
             let mut v: Vec<BEntry> = log.entries.drain(..).collect();
@@ -748,7 +747,7 @@ impl DeviceTable {
         d.last_seen_ms = now_ms;
         let upto = last_acked.min(d.next_seq - 1);
         self.ack_upto(key, upto, now_us);
-        self.bcast_ack(key, cursor.min(head));
+        self.bcast_ack(key, cursor.min(head), now_us);
         let d = &mut self.devices[key];
         d.sent_upto = d.acked;
         d.bsent = d.cursor;
@@ -883,15 +882,7 @@ impl DeviceTable {
         self.store_ok();
         let log = &mut self.logs[app as usize];
         log.next_bseq += 1;
-        log.entries.push_back(BEntry {
-            bseq,
-            push_id,
-            expiry_ms,
-            enqueued_us: now_us,
-            loc,
-            remaining: n,
-            live: true,
-        });
+        log.entries.push_back(BEntry { bseq, push_id, expiry_ms, enqueued_us: now_us, loc, remaining: n, live: true });
         self.stats.broadcasts += 1;
         Ok(n)
     }
@@ -908,7 +899,7 @@ impl DeviceTable {
         let (upto, bupto) = (seq.min(d.sent_upto), bseq.min(d.bsent));
         let (acked, cursor) = (d.acked, d.cursor);
         self.ack_upto(key, upto, now_us);
-        self.bcast_ack(key, bupto);
+        self.bcast_ack(key, bupto, now_us);
         let d = &self.devices[key];
         if d.acked != acked || d.cursor != cursor {
             self.persist(key);
@@ -940,7 +931,7 @@ impl DeviceTable {
     }
 
     /// Moves a device's broadcast cursor to `upto`, counting deliveries.
-    fn bcast_ack(&mut self, key: usize, upto: u64) {
+    fn bcast_ack(&mut self, key: usize, upto: u64, now_us: u64) {
         let d = &mut self.devices[key];
         if upto <= d.cursor {
             return;
@@ -953,6 +944,8 @@ impl DeviceTable {
             }
             if e.live {
                 e.remaining = e.remaining.saturating_sub(1);
+                self.stats.acked += 1;
+                self.ack_lat.record(now_us.saturating_sub(e.enqueued_us));
                 self.receipts.update(e.push_id, |c| {
                     c.delivered += 1;
                     c.stored = c.stored.saturating_sub(1);
@@ -1030,7 +1023,8 @@ impl DeviceTable {
                 let Some(Record::Message(r)) = store.get(m.loc) else {
                     unreachable!("a queued message's record is retained")
                 };
-                let msg = Message { flags: 0, seq: m.seq, push_id: m.push_id, expiry_ms: m.expiry_ms, payload: r.payload };
+                let msg =
+                    Message { flags: 0, seq: m.seq, push_id: m.push_id, expiry_ms: m.expiry_ms, payload: r.payload };
                 encode_message(out, &msg);
                 d.sent_upto = m.seq;
                 if m.seq <= d.max_sent {
@@ -1338,7 +1332,13 @@ mod tests {
         t.attach(0, id, last_acked, 0, session, NOW, 0)
     }
 
-    fn push(t: &mut DeviceTable, id: &str, push_id: u64, expiry: u64, payload: &str) -> Result<Option<usize>, ErrorCode> {
+    fn push(
+        t: &mut DeviceTable,
+        id: &str,
+        push_id: u64,
+        expiry: u64,
+        payload: &str,
+    ) -> Result<Option<usize>, ErrorCode> {
         t.enqueue_to(0, id, push_id, expiry, payload.as_bytes(), NOW, 0)
     }
 

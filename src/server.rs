@@ -105,16 +105,23 @@ struct ShardBoot {
     rep_rx: Vec<SharedReceiver<Reply>>,
 }
 
-/// Runs a push box until SIGTERM/SIGINT (or `shutdown` is set). Calls `on_ready`
-/// once every shard accepts connections.
-pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, on_ready: impl FnOnce(&Ready)) -> Result<(), String> {
-    run_with_clock(cfg, Arc::new(SystemClock), shutdown, on_ready)
+/// Runs a push box until SIGTERM/SIGINT (or `shutdown` is set). Calls `on_recovering`
+/// with the HTTP address once the listeners are bound and the store recovery starts,
+/// and `on_ready` once every shard accepts connections.
+pub fn run(
+    cfg: Config,
+    shutdown: Arc<AtomicBool>,
+    on_recovering: impl FnOnce(SocketAddr),
+    on_ready: impl FnOnce(&Ready),
+) -> Result<(), String> {
+    run_with_clock(cfg, Arc::new(SystemClock), shutdown, on_recovering, on_ready)
 }
 
 pub fn run_with_clock(
     cfg: Config,
     clock: Arc<dyn Clock>,
     shutdown: Arc<AtomicBool>,
+    on_recovering: impl FnOnce(SocketAddr),
     on_ready: impl FnOnce(&Ready),
 ) -> Result<(), String> {
     cfg.validate()?;
@@ -178,6 +185,7 @@ pub fn run_with_clock(
         handles.push(h);
     }
     drop(ready_tx);
+    on_recovering(http_addr);
     for _ in 0..n {
         if ready_rx.recv().is_err() {
             return Err("a shard failed to start".into());

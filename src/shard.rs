@@ -51,7 +51,15 @@ pub struct Shared {
 impl Shared {
     pub fn new(cfg: Config, clock: Arc<dyn Clock>, shards: usize, shutdown: Arc<AtomicBool>) -> Self {
         let app_index = cfg.apps.iter().enumerate().map(|(i, a)| (a.id.clone(), i as u16)).collect();
-        Shared { cfg, app_index, clock, shards, shutdown, ready: AtomicBool::new(false), recovered: AtomicUsize::new(0) }
+        Shared {
+            cfg,
+            app_index,
+            clock,
+            shards,
+            shutdown,
+            ready: AtomicBool::new(false),
+            recovered: AtomicUsize::new(0),
+        }
     }
 
     pub fn secret(&self, app: u16) -> &[u8] {
@@ -405,9 +413,7 @@ impl ShardCore {
                 (upto, files, dead)
             };
             let started = mono_us();
-            let res = glommio::executor()
-                .spawn_blocking(move || files.iter().try_for_each(|f| f.sync_data()))
-                .await;
+            let res = glommio::executor().spawn_blocking(move || files.iter().try_for_each(|f| f.sync_data())).await;
             let ready: Vec<Reply> = {
                 let st = &mut *self.state.borrow_mut();
                 st.flush_lat.record(mono_us().saturating_sub(started));

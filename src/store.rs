@@ -369,11 +369,7 @@ impl Store {
     /// good record, oldest first. Damage is repaired as it is found: a torn or corrupt
     /// tail is cut off, corrupt bytes between good records are skipped, and a segment
     /// with an unreadable header is renamed `*.corrupt`; each is logged, none panics.
-    pub fn open(
-        dir: &Path,
-        opts: StoreOptions,
-        mut visit: impl FnMut(Loc, Record<'_>),
-    ) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path, opts: StoreOptions, mut visit: impl FnMut(Loc, Record<'_>)) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
         let mut ids = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(|e| io_err("cannot list", dir, e))? {
@@ -409,7 +405,8 @@ impl Store {
 
     fn recover_segment(&mut self, id: u32, visit: &mut impl FnMut(Loc, Record<'_>)) -> Result<(), StoreError> {
         let path = self.seg_path(id);
-        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| io_err("cannot open", &path, e))?;
+        let file =
+            OpenOptions::new().read(true).write(true).open(&path).map_err(|e| io_err("cannot open", &path, e))?;
         let size = file.metadata().map_err(|e| io_err("cannot stat", &path, e))?.len() as usize;
         if size == 0 {
             std::fs::remove_file(&path).map_err(|e| io_err("cannot remove", &path, e))?;
@@ -457,7 +454,10 @@ impl Store {
             };
             let Some(at) = resume else {
                 let cut = (last_nonzero + ALIGN).min(size) - off;
-                tracing::warn!("store segment {}: torn or corrupt tail at offset {off} ({cut} bytes) cut off", path.display());
+                tracing::warn!(
+                    "store segment {}: torn or corrupt tail at offset {off} ({cut} bytes) cut off",
+                    path.display()
+                );
                 self.report.truncated_bytes += cut as u64;
                 break;
             };
@@ -548,7 +548,8 @@ impl Store {
             .open(&path)
             .map_err(|e| io_err("cannot create", &path, e))?;
         // SAFETY: posix_fallocate on a descriptor we own; it returns an errno value.
-        let rc = unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, self.opts.segment_bytes as i64) };
+        let rc =
+            unsafe { libc::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, self.opts.segment_bytes as i64) };
         if rc != 0 {
             drop(file);
             let _ = std::fs::remove_file(&path);
@@ -574,7 +575,8 @@ impl Store {
         let seg = self.segs.get_mut(&id).expect("segment exists");
         seg.file.set_len(seg.len as u64).map_err(|e| io_err("cannot truncate", &path, e))?;
         // SAFETY: as in `roll`; the old mapping is replaced before anything reads it.
-        let ro = unsafe { MmapOptions::new().len(seg.len).map(&*seg.file) }.map_err(|e| io_err("cannot map", &path, e))?;
+        let ro =
+            unsafe { MmapOptions::new().len(seg.len).map(&*seg.file) }.map_err(|e| io_err("cannot map", &path, e))?;
         seg.map = Map::Sealed(ro);
         Ok(())
     }
@@ -584,7 +586,8 @@ impl Store {
         let (kind, payload) = rec.encode(head);
         let body = head.len() + payload.len();
         let size = record_size(body);
-        let fits = self.active.and_then(|id| self.segs.get(&id)).is_some_and(|s| s.len + size <= self.opts.segment_bytes);
+        let fits =
+            self.active.and_then(|id| self.segs.get(&id)).is_some_and(|s| s.len + size <= self.opts.segment_bytes);
         if !fits {
             self.roll(size)?;
         }
@@ -850,7 +853,8 @@ mod tests {
     #[test]
     fn released_segments_are_deleted_and_the_budget_refuses_more() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(dir.path(), StoreOptions { segment_bytes: 4096, max_bytes: 3 * 4096 }, |_, _| {}).unwrap();
+        let mut s =
+            Store::open(dir.path(), StoreOptions { segment_bytes: 4096, max_bytes: 3 * 4096 }, |_, _| {}).unwrap();
         let big = vec![1u8; 1500];
         let mut locs = Vec::new();
         let err = loop {

@@ -48,7 +48,9 @@ fn token_device_and_push_work_together() {
     assert_eq!(lines.len(), 2);
     assert_eq!((lines[0]["payload"].as_str(), lines[0]["seq"].as_u64()), (Some("hello"), Some(1)));
     assert_eq!(lines[0]["push_id"].as_u64(), Some(push_id));
-    assert_eq!((lines[1]["payload"].as_str(), lines[1]["seq"].as_u64()), (Some("everyone"), Some(2)));
+    // Broadcasts have their own stream and numbering.
+    assert_eq!((lines[1]["payload"].as_str(), lines[1]["seq"].as_u64()), (Some("everyone"), Some(1)));
+    assert_eq!((lines[0]["broadcast"].as_bool(), lines[1]["broadcast"].as_bool()), (Some(false), Some(true)));
 }
 
 #[test]

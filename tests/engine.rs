@@ -106,8 +106,8 @@ fn multicast_and_broadcast_deliver_once_to_each_target() {
                 assert_eq!((m.push_id, m.payload.as_slice()), (mc, &b"multi"[..]));
             }
             let m = message(dev).await;
-            assert_eq!((m.push_id, m.payload.as_slice()), (bc, &b"broad"[..]));
-            dev.ack(m.seq).await.unwrap();
+            assert_eq!((m.push_id, m.payload.as_slice(), m.broadcast), (bc, &b"broad"[..], true));
+            dev.ack_both(u64::from(i < 6), m.seq).await.unwrap();
             quiet(dev, Duration::from_millis(50)).await;
         }
         // Devices of another app never see this app's broadcast.
@@ -468,7 +468,8 @@ fn thousands_of_devices_get_unicast_and_broadcast() {
             let b = message(dev).await;
             assert_eq!(a.payload, names[i].as_bytes());
             assert_eq!(b.payload, b"everyone");
-            assert_eq!((a.seq, b.seq), (1, 2));
+            // Unicast seq 1, and broadcast seq 1 in the app's broadcast stream.
+            assert_eq!((a.seq, a.broadcast, b.seq, b.broadcast), (1, false, 1, true));
         }
     });
 }

@@ -60,11 +60,12 @@ fn counters_and_histograms_move_by_the_traffic_sent() {
         ));
         for (i, d) in devs.iter_mut().enumerate() {
             let n = 10 / 4 + usize::from(i < 10 % 4) + 1;
-            let mut last = 0;
+            let (mut last, mut blast) = (0, 0);
             for _ in 0..n {
-                last = message(d).await.seq;
+                let m = message(d).await;
+                *(if m.broadcast { &mut blast } else { &mut last }) = m.seq;
             }
-            d.ack(last).await.unwrap();
+            d.ack_both(last, blast).await.unwrap();
         }
         glommio::timer::sleep(Duration::from_millis(200)).await;
         let m = scrape(&srv);
@@ -72,7 +73,8 @@ fn counters_and_histograms_move_by_the_traffic_sent() {
         assert_eq!(get("ringpush_pushes_total{kind=unicast,result=accepted}"), 10.0);
         assert_eq!(get("ringpush_pushes_total{kind=broadcast,result=accepted}"), 1.0);
         assert_eq!(get("ringpush_pushes_total{kind=unicast,result=rejected}"), 1.0);
-        assert_eq!(get("ringpush_messages_total{event=enqueued}"), 14.0);
+        assert_eq!(get("ringpush_messages_total{event=enqueued}"), 10.0, "unicast: one per device");
+        assert!(get("ringpush_messages_total{event=broadcast_stored}") >= 1.0, "once per shard with devices");
         assert_eq!(get("ringpush_messages_total{event=written}"), 14.0);
         assert_eq!(get("ringpush_messages_total{event=acked}"), 14.0);
         assert_eq!(get("ringpush_handshakes_total{result=ok}"), 4.0);
@@ -83,6 +85,11 @@ fn counters_and_histograms_move_by_the_traffic_sent() {
         assert_eq!(get("ringpush_push_to_ack_seconds_count"), 14.0, "one ack latency per message");
         assert_eq!(get("ringpush_push_reply_seconds_count"), 12.0, "one reply latency per push");
         assert_eq!(get("ringpush_handshake_seconds_count"), 4.0);
+        assert_eq!(get("ringpush_store_append_seconds_count"), 12.0, "10 unicast + 1 broadcast on each shard");
+        assert!(get("ringpush_store_flush_seconds_count") >= 1.0);
+        assert!(get("ringpush_store_appends_total") >= 11.0);
+        assert!(get("ringpush_store_segments") >= 2.0, "one active segment per shard");
+        assert!(get("ringpush_store_bytes") > 0.0);
         assert!(get("ringpush_bytes_total{direction=out,peer=device}") > 0.0);
 
         // The human summary reads the same numbers.

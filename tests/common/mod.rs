@@ -23,10 +23,48 @@ pub struct Server {
     stderr_path: std::path::PathBuf,
 }
 
+/// A started `ringpush serve` whose ready line has not been read yet.
+pub struct Starting {
+    child: Child,
+    out: BufReader<std::process::ChildStdout>,
+    /// The HTTP address, known as soon as the store recovery starts.
+    pub http: SocketAddr,
+    dir: tempfile::TempDir,
+    stderr_path: std::path::PathBuf,
+}
+
+fn addr_field(line: &str, k: &str) -> Option<SocketAddr> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok())
+}
+
+impl Starting {
+    /// Waits for the ready line.
+    pub fn ready(mut self) -> Server {
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("read ready line");
+        let fields = (addr_field(&line, "device="), addr_field(&line, "app="), addr_field(&line, "http="));
+        let (Some(device), Some(app), Some(http)) = fields else {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            panic!(
+                "server did not become ready: {line:?}\n{}",
+                std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+            );
+        };
+        let Starting { child, dir, stderr_path, .. } = self;
+        Server { device, app, http, child, dir, stderr_path }
+    }
+}
+
 impl Server {
     /// Starts a server with `shards` shards and extra TOML config lines.
     pub fn start(shards: usize, extra: &str) -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
+        Self::launch(tempfile::tempdir().expect("temp dir"), shards, extra).ready()
+    }
+
+    /// Starts a server on `dir` (its config is written there, its data dir is
+    /// `dir/data`), returning once the store recovery began.
+    pub fn launch(dir: tempfile::TempDir, shards: usize, extra: &str) -> Starting {
         let cfg = dir.path().join("ringpush.toml");
         std::fs::write(
             &cfg,
@@ -36,7 +74,7 @@ impl Server {
         )
         .expect("write config");
         let stderr_path = dir.path().join("stderr.log");
-        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_path).expect("stderr file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_ringpush"))
             .args(["serve", "--config"])
             .arg(&cfg)
@@ -50,27 +88,39 @@ impl Server {
             .stderr(stderr)
             .spawn()
             .expect("start ringpush");
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read ready line");
-        if !line.starts_with("ringpush ready") {
+        out.read_line(&mut line).expect("read first line");
+        let Some(http) = addr_field(&line, "http=").filter(|_| line.starts_with("ringpush recovering")) else {
             // Never leak a half-started server.
             let _ = child.kill();
             let _ = child.wait();
+            panic!("server did not start: {line:?}\n{}", std::fs::read_to_string(&stderr_path).unwrap_or_default());
+        };
+        Starting { child, out, http, dir, stderr_path }
+    }
+
+    /// Kills the server with SIGKILL (no shutdown of any kind) and returns its
+    /// directory, to start again on the same data.
+    pub fn kill(mut self) -> tempfile::TempDir {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+        drop(self);
+        dir
+    }
+
+    /// Stops the server with SIGTERM and returns its directory (see [`Server::kill`]).
+    pub fn stop_keep(mut self, limit: Duration) -> tempfile::TempDir {
+        self.signal(libc::SIGTERM);
+        let start = Instant::now();
+        while self.child.try_wait().expect("wait").is_none() {
+            assert!(start.elapsed() < limit, "server did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(
-            line.starts_with("ringpush ready"),
-            "server did not start: {line:?}\n{}",
-            std::fs::read_to_string(&stderr_path).unwrap_or_default()
-        );
-        let field = |k: &str| -> Option<SocketAddr> {
-            line.split_whitespace().find_map(|w| w.strip_prefix(k)).and_then(|v| v.parse().ok())
-        };
-        let (Some(device), Some(app), Some(http)) = (field("device="), field("app="), field("http=")) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("ready line without addresses: {line:?}");
-        };
-        Server { device, app, http, child, dir, stderr_path }
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+        drop(self);
+        dir
     }
 
     pub fn pid(&self) -> i32 {
