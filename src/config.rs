@@ -160,9 +160,14 @@ impl Config {
             return Err("apps: at most 65535 apps".into());
         }
         let record_max = self.max_app_frame as u64 + 1024;
-        let checks: [(&str, bool); 11] = [
-            ("segment_bytes", self.segment_bytes >= 64 * 1024 && self.segment_bytes >= 2 * record_max),
-            ("segment_bytes", self.segment_bytes <= u32::MAX as u64),
+        if self.segment_bytes < (64 * 1024).max(2 * record_max) || self.segment_bytes > u32::MAX as u64 {
+            return Err(format!(
+                "config key segment_bytes must be between 64 KiB and 4 GiB and hold two of the largest records \
+                 (2 × (max_app_frame + 1024) = {} bytes)",
+                2 * record_max
+            ));
+        }
+        let checks: [(&str, bool); 9] = [
             ("group_commit", self.group_commit <= Duration::from_secs(1)),
             ("heartbeat", self.heartbeat >= Duration::from_millis(100)),
             ("window", self.window >= 1),

@@ -833,6 +833,7 @@ impl DeviceTable {
 
     /// Stores a message for `id` of `app`, registering the device if needed (unicast
     /// and multicast address devices that may not have connected yet).
+    #[allow(clippy::too_many_arguments)]
     pub fn enqueue_to(
         &mut self,
         app: u16,
