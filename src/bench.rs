@@ -48,6 +48,9 @@ pub enum Scenario {
     Offline,
     /// Every device connects at once (handshakes/s), then again after the box restarts.
     Storm,
+    /// One shard's store, in process: append rate per durability policy, disk bytes
+    /// per message, recovery time, heap per stored message.
+    Store,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -103,6 +106,15 @@ pub struct BenchArgs {
     /// loopback by the bench.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub compare: Vec<System>,
+    /// Where the store scenario writes (a temp dir inside it; default: the system's).
+    #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// (internal) Store scenario: recover this partition in a fresh process and report.
+    #[arg(long, hide = true)]
+    pub recover_only: Option<std::path::PathBuf>,
+    /// (internal) Store scenario: the cache bound for --recover-only (0: cold).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub cache_msgs: usize,
     /// Print one JSON object per system instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -585,6 +597,9 @@ async fn push_ringpush(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSid
 /// Runs `ringpush bench`: ringpush, then every `--compare` system; prints one table
 /// row (or JSON object) per system.
 pub fn run(args: BenchArgs) -> Result<(), String> {
+    if args.scenario == Scenario::Store {
+        return crate::store_bench::run(&args);
+    }
     crate::server::raise_nofile();
     let mut systems = vec![System::Ringpush];
     systems.extend(args.compare.iter().copied().filter(|s| *s != System::Ringpush));
@@ -677,7 +692,8 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     };
     let mut idle = json!({});
     match args.scenario {
-        Scenario::Offline => {}
+        // The store scenario returned at the top of `run`.
+        Scenario::Offline | Scenario::Store => {}
         Scenario::Storm => {
             // Restart a spawned box on the same ports and connect everyone again.
             if let Under::Ringpush(slot @ Some(_)) = &mut under {
@@ -742,7 +758,7 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     let expected = match args.scenario {
         Scenario::Unicast | Scenario::Offline => push.accepted,
         Scenario::Broadcast => push.accepted * connected,
-        Scenario::Idle | Scenario::Storm => 0,
+        Scenario::Idle | Scenario::Storm | Scenario::Store => 0,
     };
     let start_us = match args.scenario {
         Scenario::Offline => connect_start_us,

@@ -42,6 +42,7 @@ pub mod shard;
 pub mod stats;
 pub mod stats_cli;
 pub mod store;
+pub mod store_bench;
 pub mod timer;
 
 pub use ringpush_protocol as protocol;
