@@ -1022,7 +1022,15 @@ impl DeviceTable {
                     continue;
                 }
                 let Some(Record::Message(r)) = store.get(m.loc) else {
-                    unreachable!("a queued message's record is retained")
+                    // Retained records are always there; this is damage after start
+                    // (the checksum failed). Skip it rather than stop the shard.
+                    tracing::error!(seq = m.seq, "a stored message failed its checksum; it is skipped");
+                    m.dead = true;
+                    d.pending -= 1;
+                    d.queued_bytes -= m.len as u64;
+                    *queued -= 1;
+                    expired_any = true;
+                    continue;
                 };
                 let msg =
                     Message { flags: 0, seq: m.seq, push_id: m.push_id, expiry_ms: m.expiry_ms, payload: r.payload };
@@ -1048,7 +1056,8 @@ impl DeviceTable {
                     continue;
                 }
                 let Some(Record::Broadcast(r)) = store.get(e.loc) else {
-                    unreachable!("a live broadcast's record is retained")
+                    tracing::error!(bseq = e.bseq, "a stored broadcast failed its checksum; it is skipped");
+                    continue;
                 };
                 let msg = Message {
                     flags: FLAG_BROADCAST,
@@ -1234,18 +1243,26 @@ impl DeviceTable {
             } else {
                 let DeviceTable { devices, apps, store, head, .. } = self;
                 let d = &devices[k];
-                let Some(Record::Message(r)) = store.get(m.loc) else { unreachable!("retained") };
-                let payload = r.payload.to_vec();
-                let rec = Record::Message(MessageRec {
-                    app: &apps[d.app as usize],
-                    id: &d.id,
-                    seq: m.seq,
-                    push_id: m.push_id,
-                    expiry_ms: m.expiry_ms,
-                    prev,
-                    payload: &payload,
-                });
-                store.append(&rec, head).ok()
+                // An unreadable record (damage after start) fails the move: the old
+                // chain stays as it was.
+                store
+                    .get(m.loc)
+                    .and_then(|r| match r {
+                        Record::Message(r) => Some(r.payload.to_vec()),
+                        _ => None,
+                    })
+                    .and_then(|payload| {
+                        let rec = Record::Message(MessageRec {
+                            app: &apps[d.app as usize],
+                            id: &d.id,
+                            seq: m.seq,
+                            push_id: m.push_id,
+                            expiry_ms: m.expiry_ms,
+                            prev,
+                            payload: &payload,
+                        });
+                        store.append(&rec, head).ok()
+                    })
             };
             match new {
                 Some(l) => {

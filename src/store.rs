@@ -414,6 +414,13 @@ impl Store {
         }
         // SAFETY: the file is this shard's own; nothing else maps or truncates it.
         let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| io_err("cannot map", &path, e))?;
+        if map.len() >= SEG_HEADER && map[..SEG_HEADER].iter().all(|&b| b == 0) {
+            // Made just before a crash, never written: nothing to keep.
+            tracing::info!("store segment {} was never written; removed", path.display());
+            drop(map);
+            std::fs::remove_file(&path).map_err(|e| io_err("cannot remove", &path, e))?;
+            return Ok(());
+        }
         if let Err(why) = check_header(&map, id) {
             tracing::error!("store segment {} is unreadable ({why}); set aside as .corrupt", path.display());
             drop(map);
@@ -848,6 +855,18 @@ mod tests {
         std::fs::write(&p, b).unwrap();
         assert_eq!(seqs(dir.path()), [1, 2, 5, 6, 7, 8, 9]);
         assert!(dir.path().join("0000000002.corrupt").exists());
+    }
+
+    #[test]
+    fn a_segment_made_just_before_a_crash_is_removed_quietly() {
+        let dir = tempfile::tempdir().unwrap();
+        small_log(dir.path(), 2);
+        std::fs::write(dir.path().join("0000000002.seg"), vec![0u8; 4096]).unwrap();
+        let (got, report) = read_all(dir.path());
+        assert_eq!(got.len(), 2);
+        assert_eq!(report.bad_segments, 0);
+        assert!(!dir.path().join("0000000002.seg").exists());
+        assert!(!dir.path().join("0000000002.corrupt").exists());
     }
 
     #[test]
