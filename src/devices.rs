@@ -105,6 +105,22 @@ impl Device {
     pub fn is_hot(&self) -> bool {
         self.loaded
     }
+
+    /// A live message left the backlog without being acked.
+    fn forget(&mut self, m: &QueuedMsg) {
+        self.pending -= 1;
+        self.queued_bytes -= m.len as u64;
+    }
+}
+
+/// Shard-wide accounting of one message that expired before its device acked it.
+fn count_expired(receipts: &mut Receipts, stats: &mut TableStats, queued: &mut u64, push_id: u64) {
+    *queued -= 1;
+    stats.expired += 1;
+    receipts.update(push_id, |c| {
+        c.expired += 1;
+        c.stored = c.stored.saturating_sub(1);
+    });
 }
 
 /// Per-device queue bounds.
@@ -686,14 +702,8 @@ impl DeviceTable {
             for m in &q {
                 // Dead before eviction were counted then; these expired while cold.
                 if m.dead && m.expiry_ms > d.cold_since_ms {
-                    d.pending -= 1;
-                    d.queued_bytes -= m.len as u64;
-                    self.queued -= 1;
-                    self.stats.expired += 1;
-                    self.receipts.update(m.push_id, |c| {
-                        c.expired += 1;
-                        c.stored = c.stored.saturating_sub(1);
-                    });
+                    d.forget(m);
+                    count_expired(&mut self.receipts, &mut self.stats, &mut self.queued, m.push_id);
                 }
             }
             self.hot_msgs += q.len();
@@ -1010,14 +1020,9 @@ impl DeviceTable {
                 }
                 if m.expiry_ms <= now_ms {
                     m.dead = true;
-                    d.pending -= 1;
-                    d.queued_bytes -= m.len as u64;
-                    *queued -= 1;
-                    stats.expired += 1;
-                    receipts.update(m.push_id, |c| {
-                        c.expired += 1;
-                        c.stored = c.stored.saturating_sub(1);
-                    });
+                    let m = *m;
+                    d.forget(&m);
+                    count_expired(receipts, stats, queued, m.push_id);
                     expired_any = true;
                     continue;
                 }
@@ -1026,8 +1031,8 @@ impl DeviceTable {
                     // (the checksum failed). Skip it rather than stop the shard.
                     tracing::error!(seq = m.seq, "a stored message failed its checksum; it is skipped");
                     m.dead = true;
-                    d.pending -= 1;
-                    d.queued_bytes -= m.len as u64;
+                    let m = *m;
+                    d.forget(&m);
                     *queued -= 1;
                     expired_any = true;
                     continue;
@@ -1100,17 +1105,14 @@ impl DeviceTable {
     fn drop_expired(&mut self, k: usize, now_ms: u64) {
         let d = &mut self.devices[k];
         let mut expired = false;
-        for m in d.queue.iter_mut().filter(|m| !m.dead && m.expiry_ms <= now_ms) {
-            m.dead = true;
-            d.pending -= 1;
-            d.queued_bytes -= m.len as u64;
-            self.queued -= 1;
-            self.stats.expired += 1;
-            self.receipts.update(m.push_id, |c| {
-                c.expired += 1;
-                c.stored = c.stored.saturating_sub(1);
-            });
-            expired = true;
+        for i in 0..d.queue.len() {
+            let m = d.queue[i];
+            if !m.dead && m.expiry_ms <= now_ms {
+                d.queue[i].dead = true;
+                d.forget(&m);
+                count_expired(&mut self.receipts, &mut self.stats, &mut self.queued, m.push_id);
+                expired = true;
+            }
         }
         if expired {
             self.trim_front(k);
