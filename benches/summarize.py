@@ -8,7 +8,7 @@ import json, pathlib, subprocess, sys, statistics
 runs = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 results = {}
 for _ in range(runs):
-    for bench in ("codec", "engine"):
+    for bench in ("codec", "engine", "store"):
         subprocess.run(["cargo", "bench", "--bench", bench, "--", "--noplot"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for est in pathlib.Path("target/criterion").glob("*/*/new/estimates.json"):
