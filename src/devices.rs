@@ -32,7 +32,7 @@ use crate::timer::TimerWheel;
 use ringpush_protocol::device::{encode_message, Message, FLAG_BROADCAST};
 use ringpush_protocol::{ErrorCode, Receipt};
 use slab::Slab;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 const NIL: usize = usize::MAX;
 
@@ -410,6 +410,8 @@ impl DeviceTable {
     /// After the scan: retain what is still needed, rebuild queues, broadcast counts.
     fn finish_recovery(&mut self, now_ms: u64) {
         let keys: Vec<usize> = self.devices.iter().map(|(k, _)| k).collect();
+        let damaged = self.store.damaged();
+        let mut broken: HashMap<usize, BTreeMap<u64, QueuedMsg>> = HashMap::new();
         for &k in &keys {
             let d = &mut self.devices[k];
             d.floor = d.acked;
@@ -417,30 +419,16 @@ impl DeviceTable {
             if d.dev_loc != NO_LOC {
                 self.store.retain(d.dev_loc);
             }
-            let q = self.walk(k, now_ms);
-            let d = &mut self.devices[k];
-            let mut min_expiry = u64::MAX;
-            for m in &q {
-                self.store.retain(m.loc);
-                if m.dead {
-                    self.stats.expired += 1;
-                } else {
-                    d.pending += 1;
-                    d.queued_bytes += m.len as u64;
-                    min_expiry = min_expiry.min(m.expiry_ms);
-                }
+            let (q, whole) = self.walk(k, now_ms);
+            if !whole && damaged {
+                broken.insert(k, q.into_iter().map(|m| (m.seq, m)).collect());
+                continue;
             }
-            self.queued += d.pending as u64;
-            d.queue = q;
-            d.loaded = true;
-            self.hot_msgs += d.queue.len();
-            if min_expiry != u64::MAX {
-                d.expiry_armed = min_expiry;
-                self.expiry.insert(k, min_expiry);
-            }
-            self.trim_front(k);
-            self.lru_touch(k);
+            self.adopt(k, q);
             self.evict_over_bound(now_ms);
+        }
+        if !broken.is_empty() {
+            self.repair_chains(broken, now_ms);
         }
         for app in 0..self.logs.len() {
             let mut cursors: Vec<u64> = self.index[app].values().map(|&k| self.devices[k].cursor).collect::<Vec<_>>();
@@ -465,6 +453,73 @@ impl DeviceTable {
             if log.head_loc != NO_LOC {
                 self.store.retain(log.head_loc);
             }
+        }
+    }
+
+    /// Takes a recovered queue: retains its records, counts its backlog, arms expiry.
+    fn adopt(&mut self, k: usize, q: VecDeque<QueuedMsg>) {
+        let d = &mut self.devices[k];
+        let mut min_expiry = u64::MAX;
+        for m in &q {
+            self.store.retain(m.loc);
+            if m.dead {
+                self.stats.expired += 1;
+            } else {
+                d.pending += 1;
+                d.queued_bytes += m.len as u64;
+                min_expiry = min_expiry.min(m.expiry_ms);
+            }
+        }
+        self.queued += d.pending as u64;
+        d.queue = q;
+        d.loaded = true;
+        self.hot_msgs += d.queue.len();
+        if min_expiry != u64::MAX {
+            d.expiry_armed = min_expiry;
+            self.expiry.insert(k, min_expiry);
+        }
+        self.trim_front(k);
+        self.lru_touch(k);
+    }
+
+    /// Devices whose chain of message records ran into damaged store data: find the
+    /// rest of their messages by scanning every readable record, then write their
+    /// pending messages again as a whole chain.
+    fn repair_chains(&mut self, mut found: HashMap<usize, BTreeMap<u64, QueuedMsg>>, now_ms: u64) {
+        let now_us = crate::clock::mono_us();
+        let DeviceTable { store, index, devices, apps, .. } = &*self;
+        store.scan(|l, rec| {
+            let Record::Message(m) = rec else { return };
+            let Some(app) = apps.iter().position(|a| **a == *m.app) else { return };
+            let Some(&k) = index[app].get(m.id) else { return };
+            let Some(msgs) = found.get_mut(&k) else { return };
+            let d = &devices[k];
+            if m.seq > d.acked.max(d.floor) {
+                // Log order: a later copy (from compaction) replaces an earlier one.
+                let len = m.payload.len() as u32;
+                let dead = m.expiry_ms <= now_ms;
+                let q = QueuedMsg {
+                    seq: m.seq,
+                    push_id: m.push_id,
+                    expiry_ms: m.expiry_ms,
+                    enqueued_us: now_us,
+                    loc: l,
+                    len,
+                    dead,
+                };
+                msgs.insert(m.seq, q);
+            }
+        });
+        for (k, msgs) in found {
+            let n = msgs.len();
+            self.adopt(k, msgs.into_values().collect());
+            let written = self.rewrite_chain(k);
+            let d = &self.devices[k];
+            tracing::warn!(
+                device = &*d.id,
+                "the device's message chain crossed damaged store data: {n} messages found by scanning, {written} rewritten"
+            );
+            self.evict_over_bound(now_ms);
         }
     }
 
@@ -665,17 +720,27 @@ impl DeviceTable {
     /// Reads a device's queue back from the chain of records (newest to oldest),
     /// stopping at what was already acked or released. Entries expired by `now_ms`
     /// are marked dead.
-    fn walk(&self, k: usize, now_ms: u64) -> VecDeque<QueuedMsg> {
+    /// Also says whether the chain ended where it should (at the start, or at what was
+    /// acked or released) rather than at a record that is missing or unreadable.
+    fn walk(&self, k: usize, now_ms: u64) -> (VecDeque<QueuedMsg>, bool) {
         let now_us = crate::clock::mono_us();
         let d = &self.devices[k];
         let app = &self.apps[d.app as usize];
         let stop = d.acked.max(d.floor);
         let mut v = Vec::new();
         let (mut l, mut last) = (d.tail, u64::MAX);
+        let mut whole = true;
         while l != NO_LOC {
-            let Some(Record::Message(m)) = self.store.get(l) else { break };
-            // A chain runs down in seq within one device; anything else ends it.
-            if m.seq <= stop || m.seq >= last || m.id != &*d.id || m.app != &**app {
+            let Some(Record::Message(m)) = self.store.get(l) else {
+                whole = false;
+                break;
+            };
+            if m.seq <= stop {
+                break;
+            }
+            // A chain runs down in seq within one device; anything else is damage.
+            if m.seq >= last || m.id != &*d.id || m.app != &**app {
+                whole = false;
                 break;
             }
             v.push(QueuedMsg {
@@ -691,13 +756,13 @@ impl DeviceTable {
             l = m.prev;
         }
         v.reverse();
-        v.into()
+        (v.into(), whole)
     }
 
     /// Makes a device hot: its queue rebuilt from the store if it was evicted.
     fn load(&mut self, k: usize, now_ms: u64) {
         if !self.devices[k].loaded {
-            let q = self.walk(k, now_ms);
+            let (q, _) = self.walk(k, now_ms);
             let d = &mut self.devices[k];
             for m in &q {
                 // Dead before eviction were counted then; these expired while cold.
@@ -1664,6 +1729,56 @@ mod tests {
         maintain(&mut t, NOW);
         maintain(&mut t, NOW);
         push(&mut t, "d0", 999, NOW + 60_000, "again").expect("room after reclaiming");
+    }
+
+    #[test]
+    fn a_corrupt_segment_loses_only_its_own_records_not_the_chains_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let roomy = |dir: &Path| {
+            let mut o = opts(usize::MAX);
+            o.limits = QueueLimits { window: 3, max_msgs: 100, max_bytes: 1 << 20 };
+            let sopts = StoreOptions { segment_bytes: SEG, max_bytes: u64::MAX };
+            DeviceTable::open(dir, sopts, vec!["a".into(), "b".into()], o, NOW).unwrap()
+        };
+        let mut t = roomy(dir.path());
+        let big = "p".repeat(900); // four records per 4 KiB segment
+        for i in 1..=12u64 {
+            let id = if i % 2 == 0 { "even" } else { "odd" };
+            t.enqueue_to(0, id, i, NOW + 60_000, format!("{i}{big}").as_bytes(), NOW, 0).unwrap();
+        }
+        t.store.flush_now().unwrap();
+        drop(t);
+        // Segment 1 holds the two registry records and messages 1 and 2: damage segment 2.
+        let seg = dir.path().join("0000000002.seg");
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[3] ^= 0xff;
+        std::fs::write(&seg, bytes).unwrap();
+        let mut t = roomy(dir.path());
+        assert_eq!(t.store.report.bad_segments, 1);
+        let nums = |t: &mut DeviceTable, id: &str| -> Vec<u64> {
+            let k = t.attach(0, id, 0, 0, 1, NOW, 0).device;
+            let mut v = Vec::new();
+            loop {
+                let got = fill_at(t, k, NOW);
+                if got.is_empty() {
+                    break v;
+                }
+                v.extend(got.iter().map(|m| m.2.trim_end_matches('p').parse::<u64>().unwrap()));
+                let upto = t.device(k).acked() + 3;
+                t.on_ack(k, upto, 0, 0);
+            }
+        };
+        let odd = nums(&mut t, "odd");
+        let even = nums(&mut t, "even");
+        let lost: Vec<u64> = (1..=12).filter(|i| !odd.contains(i) && !even.contains(i)).collect();
+        assert!(!lost.is_empty() && lost.len() <= 4, "only segment 2's records are lost: {lost:?}");
+        assert!(odd.contains(&1) && even.contains(&2), "records before the damage are kept: {odd:?} {even:?}");
+        assert!(odd.contains(&11) && even.contains(&12), "records after it are kept: {odd:?} {even:?}");
+        drop(t);
+        // The repaired chains hold without another scan.
+        let mut t = roomy(dir.path());
+        assert_eq!(t.queued(), 0, "everything found was delivered and acked");
+        assert!(t.attach(0, "odd", 0, 0, 1, NOW, 0).pending == 0);
     }
 
     #[test]

@@ -336,6 +336,54 @@ fn parse_at(data: &[u8], off: usize) -> Option<(u8, &[u8], usize)> {
 
 /// Segment header: magic, format version (u32 LE), 4 reserved bytes, segment id (u32
 /// LE), zeros, and a crc32c of bytes 0..60 in the last 4 bytes.
+/// What a walk over a segment's bytes finds next.
+enum Step<'a> {
+    Record {
+        off: usize,
+        rec: Record<'a>,
+        size: usize,
+    },
+    /// Bytes that are no valid record, up to the next valid one or the end of the data.
+    Damage {
+        off: usize,
+        len: usize,
+    },
+}
+
+/// Walks the records of a segment's bytes in order, resynchronizing past damage (the
+/// next valid record is searched for 8 bytes at a time). Ends at an all-zero header
+/// (unwritten space) or the end of the data.
+struct Scan<'a> {
+    data: &'a [u8],
+    off: usize,
+}
+
+impl<'a> Iterator for Scan<'a> {
+    type Item = Step<'a>;
+
+    fn next(&mut self) -> Option<Step<'a>> {
+        let (data, off) = (self.data, self.off);
+        if off + REC_HEADER > data.len() || data[off..off + REC_HEADER].iter().all(|&b| b == 0) {
+            return None;
+        }
+        let valid = |at: usize| parse_at(data, at).and_then(|(k, b, n)| Some((Record::decode(k, b)?, n)));
+        if let Some((rec, size)) = valid(off) {
+            self.off += size;
+            return Some(Step::Record { off, rec, size });
+        }
+        let mut next = off + ALIGN;
+        while next + REC_HEADER <= data.len() {
+            if valid(next).is_some() {
+                self.off = next;
+                return Some(Step::Damage { off, len: next - off });
+            }
+            next += ALIGN;
+        }
+        self.off = data.len();
+        Some(Step::Damage { off, len: data.len() - off })
+    }
+}
+
 fn seg_header(id: u32) -> [u8; SEG_HEADER] {
     let mut h = [0u8; SEG_HEADER];
     h[0..8].copy_from_slice(SEG_MAGIC);
@@ -429,52 +477,33 @@ impl Store {
             self.report.bad_segments += 1;
             return Ok(());
         }
-        let mut off = SEG_HEADER;
         let mut end = SEG_HEADER;
-        while off + REC_HEADER <= size {
-            if map[off..off + REC_HEADER].iter().all(|&b| b == 0) {
-                break;
-            }
-            if let Some((kind, body, n)) = parse_at(&map, off) {
-                if let Some(rec) = Record::decode(kind, body) {
+        let mut damage: Option<(usize, usize)> = None;
+        for step in (Scan { data: &map, off: SEG_HEADER }) {
+            match step {
+                Step::Record { off, rec, size } => {
+                    if let Some((at, len)) = damage.take() {
+                        tracing::warn!(
+                            "store segment {}: {len} corrupt bytes at offset {at} skipped; the records after them are kept",
+                            path.display()
+                        );
+                        self.report.skipped_bytes += len as u64;
+                    }
                     visit(loc(id, off), rec);
                     self.report.records += 1;
-                    off += n;
-                    end = off;
-                    continue;
+                    end = off + size;
                 }
+                Step::Damage { off, len } => damage = Some((off, len)),
             }
-            // Damage: look for the next good record. None after it means a torn tail.
-            let mut next = off + ALIGN;
-            let mut last_nonzero = off;
-            let resume = loop {
-                if next + REC_HEADER > size {
-                    break None;
-                }
-                if map[next..next + ALIGN].iter().any(|&b| b != 0) {
-                    last_nonzero = next;
-                }
-                if parse_at(&map, next).is_some_and(|(k, b, _)| Record::decode(k, b).is_some()) {
-                    break Some(next);
-                }
-                next += ALIGN;
-            };
-            let Some(at) = resume else {
-                let cut = (last_nonzero + ALIGN).min(size) - off;
-                tracing::warn!(
-                    "store segment {}: torn or corrupt tail at offset {off} ({cut} bytes) cut off",
-                    path.display()
-                );
-                self.report.truncated_bytes += cut as u64;
-                break;
-            };
+        }
+        if let Some((at, len)) = damage {
+            // Nothing good after it: a torn or corrupt tail (its zero padding not counted).
+            let cut = map[at..at + len].iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
             tracing::warn!(
-                "store segment {}: {} corrupt bytes at offset {off} skipped; the records after them are kept",
-                path.display(),
-                at - off
+                "store segment {}: torn or corrupt tail at offset {at} ({cut} bytes) cut off",
+                path.display()
             );
-            self.report.skipped_bytes += (at - off) as u64;
-            off = at;
+            self.report.truncated_bytes += cut as u64;
         }
         self.report.segments += 1;
         // Recovered segments are sealed: appends go to a fresh one.
@@ -630,6 +659,23 @@ impl Store {
         Record::decode(kind, body)
     }
 
+    /// Calls `f` for every readable record of every segment, oldest first (damaged
+    /// spans skipped). Recovery uses it to find records a damaged chain no longer reaches.
+    pub fn scan(&self, mut f: impl FnMut(Loc, Record<'_>)) {
+        for (id, seg) in &self.segs {
+            for step in (Scan { data: seg.bytes(), off: SEG_HEADER }) {
+                if let Step::Record { off, rec, .. } = step {
+                    f(loc(*id, off), rec);
+                }
+            }
+        }
+    }
+
+    /// Whether the last recovery found damage other than a torn tail.
+    pub fn damaged(&self) -> bool {
+        self.report.skipped_bytes > 0 || self.report.bad_segments > 0
+    }
+
     /// Size on disk of the record at `l`.
     fn size_at(&self, l: Loc) -> Option<(u32, u64)> {
         let (id, off) = split(l);
@@ -685,13 +731,13 @@ impl Store {
             .iter()
             .filter(|(id, s)| Some(**id) != self.active && s.live > 0 && (s.live as f64) < max_live * s.len as f64)
             .min_by(|a, b| (a.1.live as f64 / a.1.len as f64).total_cmp(&(b.1.live as f64 / b.1.len as f64)))?;
-        let data = self.segs[id].bytes();
-        let mut locs = Vec::new();
-        let mut off = SEG_HEADER;
-        while let Some((_, _, n)) = parse_at(data, off) {
-            locs.push(loc(*id, off));
-            off += n;
-        }
+        let scan = Scan { data: self.segs[id].bytes(), off: SEG_HEADER };
+        let locs = scan
+            .filter_map(|step| match step {
+                Step::Record { off, .. } => Some(loc(*id, off)),
+                Step::Damage { .. } => None,
+            })
+            .collect();
         Some((*id, locs))
     }
 
