@@ -231,6 +231,7 @@ pub struct TableStats {
     pub store_errors: u64,
     pub evictions: u64,
     pub loads: u64,
+    pub forgotten: u64,
     pub compacted_records: u64,
 }
 
@@ -249,6 +250,7 @@ impl TableStats {
             ("ringpush_store_errors_total", vec![], self.store_errors),
             ("ringpush_cache_evictions_total", vec![], self.evictions),
             ("ringpush_cache_loads_total", vec![], self.loads),
+            ("ringpush_devices_forgotten_total", vec![], self.forgotten),
             ("ringpush_store_compacted_records_total", vec![], self.compacted_records),
         ]
     }
@@ -306,6 +308,8 @@ pub struct DeviceTable {
     lru_tail: usize,
     /// Store failures since the last one was logged (one line per burst, not per push).
     quiet_errors: u64,
+    /// Next slab key `forget_idle` looks at.
+    forget_cursor: usize,
 }
 
 impl DeviceTable {
@@ -333,6 +337,7 @@ impl DeviceTable {
             lru_head: NIL,
             lru_tail: NIL,
             quiet_errors: 0,
+            forget_cursor: 0,
         }
     }
 
@@ -1361,6 +1366,35 @@ impl DeviceTable {
         n
     }
 
+    /// Drops from the registry devices that have nothing stored, are not connected and
+    /// were not seen for `idle_ms` (a device addressed once and never again must not
+    /// stay forever). Looks at `budget` slab entries per call, round robin. A device
+    /// that comes back later registers anew: its HELLO states where its numbering was.
+    pub fn forget_idle(&mut self, now_ms: u64, idle_ms: u64, budget: usize) -> usize {
+        let mut forgotten = 0;
+        for _ in 0..budget {
+            if self.forget_cursor >= self.devices.capacity() {
+                self.forget_cursor = 0;
+                break;
+            }
+            let k = self.forget_cursor;
+            self.forget_cursor += 1;
+            let Some(d) = self.devices.get(k) else { continue };
+            let idle = d.session.is_none() && d.pending == 0 && d.queue.is_empty() && d.loaded;
+            if !idle || d.last_seen_ms.saturating_add(idle_ms) > now_ms {
+                continue;
+            }
+            self.lru_unlink(k);
+            let d = self.devices.remove(k);
+            self.index[d.app as usize].remove(&d.id);
+            self.logs[d.app as usize].devices -= 1;
+            self.store.release(d.dev_loc);
+            forgotten += 1;
+        }
+        self.stats.forgotten += forgotten as u64;
+        forgotten
+    }
+
     /// Every connected session of this shard (for shutdown).
     pub fn sessions(&self) -> impl Iterator<Item = usize> + '_ {
         self.devices.iter().filter_map(|(_, d)| d.session)
@@ -1779,6 +1813,33 @@ mod tests {
         let mut t = roomy(dir.path());
         assert_eq!(t.queued(), 0, "everything found was delivered and acked");
         assert!(t.attach(0, "odd", 0, 0, 1, NOW, 0).pending == 0);
+    }
+
+    #[test]
+    fn devices_silent_with_nothing_stored_are_forgotten_and_can_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open(dir.path());
+        push(&mut t, "waiting", 1, NOW + 1_000_000_000, "x").unwrap();
+        let gone = attach(&mut t, "gone", 0, 1);
+        t.enqueue(gone.device, 2, NOW + 100, b"y", 0).unwrap();
+        fill_at(&mut t, gone.device, NOW);
+        t.on_ack(gone.device, 1, 0, 0);
+        t.detach(gone.device, 1, NOW);
+        let online = attach(&mut t, "online", 0, 2).device;
+        let day = 86_400_000;
+        assert_eq!(t.forget_idle(NOW + day, 2 * day, 100), 0, "not silent long enough");
+        assert_eq!(t.forget_idle(NOW + 3 * day, 2 * day, 100), 1);
+        assert!(t.find(0, "gone").is_none());
+        assert!(t.find(0, "waiting").is_some(), "has a message stored");
+        assert!(t.find(0, "online").is_some() && t.device(online).session.is_some());
+        assert_eq!(t.stats.forgotten, 1);
+        // It comes back knowing where it was: numbering continues after its own acks.
+        let back = attach(&mut t, "gone", 1, 3);
+        t.enqueue(back.device, 3, NOW + 1000, b"z", 0).unwrap();
+        assert_eq!(seqs(&mut t, back.device), [2]);
+        drop(t);
+        let t = open(dir.path());
+        assert!(t.find(0, "gone").is_some(), "registered again, and that was stored");
     }
 
     #[test]

@@ -26,6 +26,7 @@ fn describe() {
     c("ringpush_store_errors_total", "Store writes or flushes that failed (disk full, I/O error).");
     c("ringpush_cache_evictions_total", "Devices whose queued-message references left the heap (LRU).");
     c("ringpush_cache_loads_total", "Cold devices whose queue was read back from the store.");
+    c("ringpush_devices_forgotten_total", "Devices dropped from the registry: nothing stored, silent for max_ttl.");
     c("ringpush_store_compacted_records_total", "Live records copied forward by compaction.");
     c("ringpush_store_appends_total", "Records appended to the store.");
     c("ringpush_store_append_bytes_total", "Bytes appended to the store (record headers and padding included).");

@@ -636,6 +636,7 @@ impl ShardCore {
         if st.table.store.segments() > 2 {
             st.table.compact(0.5, now);
         }
+        st.table.forget_idle(now, self.cfg().max_ttl.as_millis() as u64, 4096);
         if st.table.store.dead_segments().is_empty() {
             return;
         }
