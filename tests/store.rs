@@ -271,3 +271,34 @@ fn readyz_says_recovering_until_the_store_is_rebuilt() {
         .sum();
     assert_eq!(queued, 400_000.0);
 }
+
+#[test]
+fn every_durability_policy_accepts_and_keeps_pushes_across_a_restart() {
+    for policy in ["sync", "batched", "memory"] {
+        let extra = format!("durability = \"{policy}\"");
+        let srv = Server::start(2, &extra);
+        run(|| async {
+            let mut app = srv.app().await;
+            for n in 0..3 {
+                let out = app.push(PushTarget::Device("p"), 0, format!("{policy}-{n}").as_bytes()).await.unwrap();
+                assert!(matches!(out, PushOutcome::Accepted(_)), "{policy}: {out:?}");
+            }
+        });
+        let (_, m) = http_get(srv.http, "/metrics");
+        let flushes: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("ringpush_store_flush_seconds_count"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum();
+        if policy == "memory" {
+            assert_eq!(flushes, 0.0, "memory answers without flushing");
+        } else {
+            assert!(flushes >= 1.0, "{policy} flushes before answering");
+        }
+        let srv = Server::launch(srv.stop_keep(Duration::from_secs(10)), 2, &extra).ready();
+        run(|| async {
+            let got: Vec<String> = drain(&srv, "p", 0, 3, 0).await.into_iter().map(|m| m.2).collect();
+            assert_eq!(got, (0..3).map(|n| format!("{policy}-{n}")).collect::<Vec<_>>());
+        });
+    }
+}
