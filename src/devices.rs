@@ -87,6 +87,8 @@ pub struct Device {
     expiry_armed: u64,
     lru_prev: usize,
     lru_next: usize,
+    /// Used since the eviction scan last passed (second chance).
+    recent: bool,
 }
 
 impl Device {
@@ -185,14 +187,14 @@ impl Counts {
 
 /// Receipts of the most recent pushes this shard handled, bounded in count.
 pub struct Receipts {
-    map: HashMap<u64, Counts>,
+    map: HashMap<u64, Counts, ahash::RandomState>,
     order: VecDeque<u64>,
     cap: usize,
 }
 
 impl Receipts {
     pub fn new(cap: usize) -> Self {
-        Receipts { map: HashMap::new(), order: VecDeque::new(), cap: cap.max(1) }
+        Receipts { map: HashMap::default(), order: VecDeque::new(), cap: cap.max(1) }
     }
 
     pub fn get(&self, push_id: u64) -> Option<Counts> {
@@ -283,7 +285,8 @@ struct AppLog {
 pub struct DeviceTable {
     devices: Slab<Device>,
     /// Per app index: device id → slab key.
-    index: Vec<HashMap<Box<str>, usize>>,
+    /// Keyed hashing (ahash, seeded per process): ids come from the network.
+    index: Vec<HashMap<Box<str>, usize, ahash::RandomState>>,
     /// App ids, by app index (records name apps by id, so config order may change).
     apps: Vec<Box<str>>,
     logs: Vec<AppLog>,
@@ -318,7 +321,7 @@ impl DeviceTable {
         let n = apps.len();
         DeviceTable {
             devices: Slab::new(),
-            index: (0..n).map(|_| HashMap::new()).collect(),
+            index: (0..n).map(|_| HashMap::default()).collect(),
             apps,
             logs: (0..n).map(|_| AppLog { next_bseq: 1, head_loc: NO_LOC, ..AppLog::default() }).collect(),
             receipts: Receipts::new(opts.receipts),
@@ -609,6 +612,7 @@ impl DeviceTable {
             expiry_armed: u64::MAX,
             lru_prev: NIL,
             lru_next: NIL,
+            recent: false,
         });
         self.index[app as usize].insert(id.into(), key);
         key
@@ -675,14 +679,24 @@ impl DeviceTable {
         d.lru_next = NIL;
     }
 
-    /// Marks a hot device most recently used.
+    /// Marks a hot device used. A device already in the list only gets its `recent`
+    /// bit set (a write to its own record; the hot path touches devices constantly),
+    /// and the eviction scan gives it a second chance (CLOCK).
     fn lru_touch(&mut self, k: usize) {
-        if self.lru_head == k {
+        let d = &mut self.devices[k];
+        if d.lru_prev != NIL || self.lru_head == k {
+            d.recent = true;
             return;
         }
-        self.lru_unlink(k);
+        self.lru_push_head(k);
+    }
+
+    fn lru_push_head(&mut self, k: usize) {
         let old = self.lru_head;
-        self.devices[k].lru_next = old;
+        let d = &mut self.devices[k];
+        d.lru_next = old;
+        d.lru_prev = NIL;
+        d.recent = false;
         if old != NIL {
             self.devices[old].lru_prev = k;
         } else {
@@ -691,18 +705,22 @@ impl DeviceTable {
         self.lru_head = k;
     }
 
-    /// Evicts least recently used, unconnected devices while the hot queues hold more
-    /// references than the cache bound. Looks at a bounded number of entries per call.
+    /// Evicts the least recently used unconnected devices while the hot queues hold more
+    /// references than the cache bound: from the tail, a device used since the last
+    /// pass (or connected) goes back to the head, another is evicted. Looks at a
+    /// bounded number of entries per call.
     fn evict_over_bound(&mut self, now_ms: u64) {
-        let mut k = self.lru_tail;
         let mut budget = 64;
-        while self.hot_msgs > self.cache_msgs && k != NIL && budget > 0 {
+        while self.hot_msgs > self.cache_msgs && self.lru_tail != NIL && budget > 0 {
             budget -= 1;
-            let prev = self.devices[k].lru_prev;
-            if self.devices[k].session.is_none() {
+            let k = self.lru_tail;
+            let d = &self.devices[k];
+            if d.recent || d.session.is_some() {
+                self.lru_unlink(k);
+                self.lru_push_head(k);
+            } else {
                 self.evict(k, now_ms);
             }
-            k = prev;
         }
     }
 
@@ -792,7 +810,7 @@ impl DeviceTable {
             let m = d.queue.pop_front().expect("front exists");
             d.floor = m.seq;
             self.hot_msgs -= 1;
-            self.store.release(m.loc);
+            self.store.release_sized(m.loc, Store::message_size(&self.apps[d.app as usize], &d.id, m.len as usize));
         }
     }
 
@@ -992,7 +1010,7 @@ impl DeviceTable {
         while d.queue.front().is_some_and(|m| m.seq <= upto) {
             let m = d.queue.pop_front().expect("front exists");
             self.hot_msgs -= 1;
-            self.store.release(m.loc);
+            self.store.release_sized(m.loc, Store::message_size(&self.apps[d.app as usize], &d.id, m.len as usize));
             d.floor = m.seq;
             if m.dead {
                 continue;
