@@ -76,8 +76,10 @@ pub fn unix_ms() -> u64 {
 /// A byte stream with a receive buffer and frame decoding.
 struct Conn {
     stream: TcpStream,
+    /// Received bytes are `buf[start..end]`; the rest is room for the next read.
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     limits: Limits,
 }
 
@@ -94,11 +96,12 @@ impl Conn {
         stream.write_all(&hello).await?;
         let mut c = Conn {
             stream,
-            buf: Vec::with_capacity(4096),
+            buf: Vec::new(),
             start: 0,
+            end: 0,
             limits: Limits { max_frame: ringpush_protocol::wire::MAX_FRAME_CEILING, max_targets: u16::MAX },
         };
-        while c.buf.len() < PREAMBLE_LEN {
+        while c.end < PREAMBLE_LEN {
             c.fill().await?;
         }
         match Preamble::decode(&c.buf[..PREAMBLE_LEN]) {
@@ -110,19 +113,24 @@ impl Conn {
         Ok(c)
     }
 
+    /// Reads more bytes. Cancel-safe: received bytes count only once the read returns,
+    /// so a caller may drop this (e.g. a timeout around `next_event`) and lose nothing.
     async fn fill(&mut self) -> Result<(), ClientError> {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.start > 0 && self.buf.len() - self.end < 4096 {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
         }
-        let len = self.buf.len();
-        self.buf.resize(len + 16 * 1024, 0);
-        let n = self.stream.read(&mut self.buf[len..]).await;
-        self.buf.truncate(len + *n.as_ref().unwrap_or(&0));
-        match n? {
-            0 => Err(ClientError::Closed),
-            _ => Ok(()),
+        if self.buf.len() - self.end < 4096 {
+            self.buf.resize(self.end + 16 * 1024, 0);
         }
+        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        if n == 0 {
+            return Err(ClientError::Closed);
+        }
+        self.end += n;
+        Ok(())
     }
 
     /// Waits for the next whole frame; returns its byte range in `buf`.
@@ -131,7 +139,7 @@ impl Conn {
         decode: fn(&[u8], &Limits) -> Result<Option<usize>, DecodeError>,
     ) -> Result<(usize, usize), ClientError> {
         loop {
-            match decode(&self.buf[self.start..], &self.limits).map_err(ClientError::Protocol)? {
+            match decode(&self.buf[self.start..self.end], &self.limits).map_err(ClientError::Protocol)? {
                 Some(n) => {
                     let s = self.start;
                     self.start += n;
@@ -159,6 +167,64 @@ pub struct Received {
     pub expiry_ms: u64,
     pub broadcast: bool,
     pub payload: Vec<u8>,
+}
+
+/// When a device acks: cumulative acks of both streams, coalesced so they do not add a
+/// packet per message. Ack once `every` messages are unacked, or once `delay` has
+/// passed since the first unacked one arrived (like TCP's delayed ACK); a device that
+/// goes quiet acks with its next heartbeat ([`Acker::due_by`] tells when). Keep `every`
+/// at most half the server's window (64 by default), so the window never fills while
+/// an ack waits.
+#[derive(Clone, Copy, Debug)]
+pub struct AckPolicy {
+    pub every: u32,
+    pub delay: std::time::Duration,
+}
+
+/// Tracks what a device received and when it owes an ack, per [`AckPolicy`].
+#[derive(Debug)]
+pub struct Acker {
+    policy: AckPolicy,
+    /// Highest unicast and broadcast seq received.
+    pub seq: u64,
+    pub bseq: u64,
+    unacked: u32,
+    since: Option<std::time::Instant>,
+}
+
+impl Acker {
+    pub fn new(policy: AckPolicy, seq: u64, bseq: u64) -> Self {
+        Acker { policy, seq, bseq, unacked: 0, since: None }
+    }
+
+    /// Records a received message; false if its seq was seen before (a redelivery).
+    pub fn received(&mut self, m: &Received) -> bool {
+        let seen = if m.broadcast { &mut self.bseq } else { &mut self.seq };
+        if m.seq <= *seen {
+            return false;
+        }
+        *seen = m.seq;
+        self.unacked += 1;
+        self.since.get_or_insert_with(std::time::Instant::now);
+        true
+    }
+
+    /// Whether an ack is due now: enough unacked, or the oldest waited long enough.
+    pub fn due(&self) -> bool {
+        self.unacked >= self.policy.every || self.since.is_some_and(|t| t.elapsed() >= self.policy.delay)
+    }
+
+    /// When the delay makes an ack due (None: nothing unacked).
+    pub fn due_by(&self) -> Option<std::time::Instant> {
+        self.since.map(|t| t + self.policy.delay)
+    }
+
+    /// Sends the cumulative ACK of both streams.
+    pub async fn ack(&mut self, dev: &mut DeviceClient) -> Result<(), ClientError> {
+        self.unacked = 0;
+        self.since = None;
+        dev.ack_both(self.seq, self.bseq).await
+    }
 }
 
 /// What a device connection produced.
@@ -266,7 +332,8 @@ impl DeviceClient {
 
     /// Whether a whole frame is already buffered (so `next_event` will not wait).
     pub fn has_buffered_frame(&self) -> bool {
-        matches!(device_len(&self.conn.buf[self.conn.start..], &self.conn.limits), Ok(Some(_)))
+        let c = &self.conn;
+        matches!(device_len(&c.buf[c.start..c.end], &c.limits), Ok(Some(_)))
     }
 
     /// Cumulative ACK of every unicast message with seq ≤ `seq`.
