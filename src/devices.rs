@@ -1253,44 +1253,60 @@ impl DeviceTable {
         let Some((seg, locs)) = self.store.compaction_candidate(max_live) else {
             return false;
         };
+        /// What a record in the segment is, resolved while the store is borrowed.
+        enum Live {
+            Device(usize),
+            Message(usize),
+            Broadcast(u16, usize),
+            Head(u16),
+        }
         let mut moved = 0u64;
+        let mut rewritten = std::collections::HashSet::new();
         for l in locs {
-            let (app, id, what) = match self.store.get(l) {
-                Some(Record::Device(r)) => (r.app.to_string(), r.id.to_string(), 0),
-                Some(Record::Message(r)) => (r.app.to_string(), r.id.to_string(), 1),
-                Some(Record::Broadcast(r)) => (r.app.to_string(), r.bseq.to_string(), 2),
-                Some(Record::Head { app, .. }) => (app.to_string(), String::new(), 3),
-                None => continue,
+            let live = {
+                let app_of = |app: &str| self.apps.iter().position(|a| **a == *app).map(|a| a as u16);
+                match self.store.get(l) {
+                    Some(Record::Device(r)) => app_of(r.app)
+                        .and_then(|a| self.find(a, r.id))
+                        .filter(|&k| self.devices[k].dev_loc == l)
+                        .map(Live::Device),
+                    Some(Record::Message(r)) => app_of(r.app)
+                        .and_then(|a| self.find(a, r.id))
+                        .filter(|k| !rewritten.contains(k))
+                        .map(Live::Message),
+                    Some(Record::Broadcast(r)) => app_of(r.app).and_then(|a| {
+                        let log = &self.logs[a as usize];
+                        let i = log.entries.iter().position(|e| e.bseq == r.bseq && e.live && e.loc == l)?;
+                        Some(Live::Broadcast(a, i))
+                    }),
+                    Some(Record::Head { app, .. }) => {
+                        app_of(app).filter(|&a| self.logs[a as usize].head_loc == l).map(Live::Head)
+                    }
+                    None => None,
+                }
             };
-            let Some(a) = self.apps.iter().position(|x| **x == *app) else { continue };
-            let a = a as u16;
-            match what {
-                0 => {
-                    if let Some(k) = self.find(a, &id).filter(|&k| self.devices[k].dev_loc == l) {
-                        self.persist(k);
-                        moved += 1;
+            match live {
+                None => {}
+                Some(Live::Device(k)) => {
+                    self.persist(k);
+                    moved += 1;
+                }
+                Some(Live::Message(k)) => {
+                    // The whole chain moves at once: later records of this device here
+                    // are released by it.
+                    self.load(k, now_ms);
+                    if self.devices[k].queue.iter().any(|m| m.loc == l) {
+                        moved += self.rewrite_chain(k) as u64;
+                        rewritten.insert(k);
                     }
                 }
-                1 => {
-                    if let Some(k) = self.find(a, &id) {
-                        self.load(k, now_ms);
-                        if self.devices[k].queue.iter().any(|m| m.loc == l) {
-                            moved += self.rewrite_chain(k) as u64;
-                        }
-                    }
-                }
-                2 => {
-                    let bseq: u64 = id.parse().expect("formatted above");
-                    let log = &self.logs[a as usize];
-                    let Some(i) = log.entries.iter().position(|e| e.bseq == bseq && e.live && e.loc == l) else {
-                        continue;
-                    };
+                Some(Live::Broadcast(a, i)) => {
+                    let e = self.logs[a as usize].entries[i];
                     let Some(Record::Broadcast(r)) = self.store.get(l) else { continue };
                     let payload = r.payload.to_vec();
-                    let e = log.entries[i];
                     let rec = Record::Broadcast(BroadcastRec {
                         app: &self.apps[a as usize],
-                        bseq,
+                        bseq: e.bseq,
                         push_id: e.push_id,
                         expiry_ms: e.expiry_ms,
                         payload: &payload,
@@ -1301,11 +1317,9 @@ impl DeviceTable {
                         moved += 1;
                     }
                 }
-                _ => {
-                    if self.logs[a as usize].head_loc == l {
-                        self.write_head(a);
-                        moved += 1;
-                    }
+                Some(Live::Head(a)) => {
+                    self.write_head(a);
+                    moved += 1;
                 }
             }
         }

@@ -166,6 +166,9 @@ pub struct Store {
     opts: StoreOptions,
     segs: BTreeMap<u32, Segment>,
     active: Option<u32>,
+    /// Id of the next segment: ids only grow, so a record location never points into a
+    /// later segment that reused a deleted one's id.
+    next_id: u32,
     /// Records appended so far; a flush covers every append counted before it began.
     appended: u64,
     /// Segments written since the last flush began.
@@ -420,14 +423,16 @@ impl Store {
     pub fn open(dir: &Path, opts: StoreOptions, mut visit: impl FnMut(Loc, Record<'_>)) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
         let mut ids = Vec::new();
+        let mut first_free = 1;
         for entry in std::fs::read_dir(dir).map_err(|e| io_err("cannot list", dir, e))? {
             let entry = entry.map_err(|e| io_err("cannot list", dir, e))?;
             let name = entry.file_name();
-            let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".seg")) else {
-                continue;
-            };
-            if let Ok(id) = stem.parse::<u32>() {
+            let name = name.to_str().unwrap_or("");
+            if let Some(id) = name.strip_suffix(".seg").and_then(|n| n.parse::<u32>().ok()) {
                 ids.push(id);
+            } else if let Some(id) = name.strip_suffix(".corrupt").and_then(|n| n.parse::<u32>().ok()) {
+                // Set aside earlier: its id is never given to a new segment.
+                first_free = first_free.max(id + 1);
             }
         }
         ids.sort_unstable();
@@ -436,6 +441,7 @@ impl Store {
             opts,
             segs: BTreeMap::new(),
             active: None,
+            next_id: first_free.max(ids.last().map_or(1, |l| l + 1)),
             appended: 0,
             dirty: Vec::new(),
             stats: StoreStats::default(),
@@ -527,6 +533,7 @@ impl Store {
             opts: StoreOptions { segment_bytes: SEG_HEADER + 2 * REC_HEADER, max_bytes: 0 },
             segs: BTreeMap::new(),
             active: None,
+            next_id: 1,
             appended: 0,
             dirty: Vec::new(),
             stats: StoreStats::default(),
@@ -575,7 +582,8 @@ impl Store {
                 sealed, self.opts.max_bytes
             )));
         }
-        let id = self.segs.keys().next_back().map_or(1, |k| k + 1);
+        let id = self.next_id;
+        self.next_id += 1;
         let path = self.seg_path(id);
         let file = OpenOptions::new()
             .read(true)
