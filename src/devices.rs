@@ -618,8 +618,9 @@ impl DeviceTable {
         key
     }
 
-    /// Finds or registers a device; a new one starts at its app's broadcast head.
-    fn register(&mut self, app: u16, id: &str, now_ms: u64) -> usize {
+    /// Finds or registers a device; a new one starts at its app's broadcast head. Its
+    /// registry record is written unless the caller writes one itself (`persist`).
+    fn register(&mut self, app: u16, id: &str, now_ms: u64, persist: bool) -> usize {
         if let Some(k) = self.find(app, id) {
             return k;
         }
@@ -630,7 +631,9 @@ impl DeviceTable {
         d.cursor = log.next_bseq - 1;
         d.bsent = d.cursor;
         d.last_seen_ms = now_ms;
-        self.persist(k);
+        if persist {
+            self.persist(k);
+        }
         k
     }
 
@@ -829,7 +832,7 @@ impl DeviceTable {
         now_us: u64,
     ) -> Attached {
         let known = self.find(app, id).is_some();
-        let key = self.register(app, id, now_ms);
+        let key = self.register(app, id, now_ms, false);
         self.load(key, now_ms);
         let head = self.logs[app as usize].next_bseq - 1;
         let d = &mut self.devices[key];
@@ -942,7 +945,7 @@ impl DeviceTable {
         now_ms: u64,
         now_us: u64,
     ) -> Result<Option<usize>, ErrorCode> {
-        let key = self.register(app, id, now_ms);
+        let key = self.register(app, id, now_ms, true);
         let r = self.enqueue(key, push_id, expiry_ms, payload, now_us);
         self.evict_over_bound(now_ms);
         r
