@@ -324,7 +324,9 @@ pub fn attach(core: &Rc<ShardCore>, stream: TcpStream, app: u16, device: &str, a
             st.stats.sessions_closed += 1;
         }
         if graceful {
-            linger_close(&mut stream, &[]).await;
+            // Boxed: the task's state machine is as large as its largest await, and
+            // this one (timer, read buffer) would otherwise sit in every idle session.
+            Box::pin(linger_close(&mut stream, &[])).await;
         }
     })
     .detach();
