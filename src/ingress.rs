@@ -401,7 +401,10 @@ fn answer(core: &ShardCore, key: usize, request_id: u64, p: &Pending) {
                 AppFrame::Rejected(Rejected { request_id, code: ErrorCode::UNKNOWN_PUSH, reason: "push id not known" }),
             );
         }
-    } else if p.ok {
+    } else if p.ok && !(p.kind == PushKind::Broadcast && p.err.is_some()) {
+        // A broadcast must reach every shard's log: one that could not store it makes
+        // the whole push REJECTED (devices on other shards may have it already; a
+        // retry can duplicate, which beats an ACCEPTED that silently misses devices).
         push_reply(core, key, p.kind, p.started_us, AppFrame::Accepted { request_id, push_id: p.push_id });
     } else {
         let code = p.err.unwrap_or(ErrorCode::INTERNAL);

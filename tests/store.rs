@@ -190,13 +190,20 @@ fn a_full_disk_refuses_pushes_with_storage_full_and_keeps_serving() {
     // The harness passes its own --data-dir; point it at the tmpfs through a link.
     let home = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(&mnt, home.path().join("data")).unwrap();
-    let srv = Server::launch(home, 1, extra).ready();
+    let srv = Server::launch(home, 2, extra).ready();
+    // One device on each shard: "full" fills shard 0's store; the other makes shard 1
+    // write its first segment before the disk is full.
+    let on = |shard: usize| {
+        (0..).map(|i| format!("dev{i}")).find(|id| ringpush::routing::shard_for(APP, id, 2) == shard).unwrap()
+    };
+    let (full, other) = (on(0), on(1));
     let payload = vec![b'x'; 16 * 1024];
     run(|| async {
+        srv.device(&other).await.close().await.unwrap();
         let mut app = srv.app().await;
         let mut accepted = 0usize;
         let code = loop {
-            match app.push(PushTarget::Device("full"), 0, &payload).await.unwrap() {
+            match app.push(PushTarget::Device(&full), 0, &payload).await.unwrap() {
                 PushOutcome::Accepted(_) => accepted += 1,
                 PushOutcome::Rejected(code, _) => break code,
                 other => panic!("{other:?}"),
@@ -205,14 +212,20 @@ fn a_full_disk_refuses_pushes_with_storage_full_and_keeps_serving() {
         };
         assert_eq!(code, ringpush::protocol::ErrorCode::STORAGE_FULL);
         assert!(accepted >= 10, "{accepted}");
+        // A broadcast that one shard cannot store is refused as a whole, though the
+        // other shard took it: ACCEPTED must mean every shard has it.
+        match app.push(PushTarget::App, 0, b"to all").await.unwrap() {
+            PushOutcome::Rejected(code, _) => assert_eq!(code, ringpush::protocol::ErrorCode::STORAGE_FULL),
+            other => panic!("a half-stored broadcast must be refused: {other:?}"),
+        }
         // Still serving: the device gets everything that was accepted, and once it
         // acked, the space comes back.
-        let got = drain(&srv, "full", 0, accepted, 0).await;
+        let got = drain(&srv, &full, 0, accepted, 0).await;
         assert_eq!(got.len(), accepted);
         assert!(got.iter().enumerate().all(|(i, m)| m.0 == i as u64 + 1));
         let start = Instant::now();
         loop {
-            match app.push(PushTarget::Device("full"), 0, &payload).await.unwrap() {
+            match app.push(PushTarget::Device(&full), 0, &payload).await.unwrap() {
                 PushOutcome::Accepted(_) => break,
                 PushOutcome::Rejected(code, _) => assert_eq!(code, ringpush::protocol::ErrorCode::STORAGE_FULL),
                 other => panic!("{other:?}"),
