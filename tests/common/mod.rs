@@ -187,6 +187,16 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Sum over shards (and any labels) of the samples on `/metrics` whose line starts with
+/// `prefix` (e.g. `ringpush_queued_messages{`).
+pub fn metric_sum(addr: SocketAddr, prefix: &str) -> f64 {
+    let (_, text) = http_get(addr, "/metrics");
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).expect("a sample value"))
+        .sum()
+}
+
 pub fn token_for(device: &str, ttl_secs: i64) -> DeviceToken {
     let now = (ringpush::client::unix_ms() / 1000) as i64;
     DeviceToken::mint(SECRET.as_bytes(), APP, device, (now + ttl_secs).max(0) as u64)
