@@ -313,6 +313,19 @@ pub struct DeviceTable {
     quiet_errors: u64,
     /// Next slab key `forget_idle` looks at.
     forget_cursor: usize,
+    /// The compaction under way, if any.
+    compaction: Option<Compaction>,
+}
+
+/// A segment being compacted a slice at a time.
+struct Compaction {
+    seg: u32,
+    /// Its records, and the next one to look at.
+    locs: Vec<Loc>,
+    next: usize,
+    moved: u64,
+    /// Devices whose whole chain was already moved.
+    rewritten: std::collections::HashSet<usize>,
 }
 
 impl DeviceTable {
@@ -341,6 +354,7 @@ impl DeviceTable {
             lru_tail: NIL,
             quiet_errors: 0,
             forget_cursor: 0,
+            compaction: None,
         }
     }
 
@@ -1248,14 +1262,28 @@ impl DeviceTable {
         self.evict_over_bound(now_ms);
     }
 
+    /// Whether a compaction is under way (it continues on the next [`compact`] call).
+    ///
+    /// [`compact`]: DeviceTable::compact
+    pub fn compacting(&self) -> bool {
+        self.compaction.is_some()
+    }
+
     /// Copies the live records of the emptiest old segment (below `max_live` of its
     /// size) to the head of the log, so the segment can be deleted. A device's
-    /// messages are rewritten together, keeping its chain whole. Returns whether a
-    /// segment was compacted.
-    pub fn compact(&mut self, max_live: f64, now_ms: u64) -> bool {
-        let Some((seg, locs)) = self.store.compaction_candidate(max_live) else {
-            return false;
+    /// messages are rewritten together, keeping its chain whole. Works through at most
+    /// `budget` records per call, so a big segment never stalls the shard: each record's
+    /// liveness is checked when its turn comes. Returns whether there was work.
+    pub fn compact(&mut self, max_live: f64, now_ms: u64, budget: usize) -> bool {
+        let mut c = match self.compaction.take() {
+            Some(c) => c,
+            None => match self.store.compaction_candidate(max_live) {
+                Some((seg, locs)) => Compaction { seg, locs, next: 0, moved: 0, rewritten: Default::default() },
+                None => return false,
+            },
         };
+        let end = (c.next + budget.max(1)).min(c.locs.len());
+        let (seg, locs, rewritten) = (c.seg, &c.locs[c.next..end], &mut c.rewritten);
         /// What a record in the segment is, resolved while the store is borrowed.
         enum Live {
             Device(usize),
@@ -1264,8 +1292,7 @@ impl DeviceTable {
             Head(u16),
         }
         let mut moved = 0u64;
-        let mut rewritten = std::collections::HashSet::new();
-        for l in locs {
+        for &l in locs {
             let live = {
                 let app_of = |app: &str| self.apps.iter().position(|a| **a == *app).map(|a| a as u16);
                 match self.store.get(l) {
@@ -1327,8 +1354,14 @@ impl DeviceTable {
             }
         }
         self.stats.compacted_records += moved;
-        self.store.stats.compactions += 1;
-        tracing::debug!("store segment {seg} compacted: {moved} live records moved");
+        c.moved += moved;
+        c.next = end;
+        if c.next < c.locs.len() {
+            self.compaction = Some(c);
+        } else {
+            self.store.stats.compactions += 1;
+            tracing::debug!("store segment {seg} compacted: {} live records moved", c.moved);
+        }
         self.evict_over_bound(now_ms);
         true
     }
@@ -1729,7 +1762,7 @@ mod tests {
     /// Runs the shard's once-a-second store maintenance.
     fn maintain(t: &mut DeviceTable, now: u64) {
         if t.store.segments() > 2 {
-            t.compact(0.5, now);
+            while t.compact(0.5, now, 8) && t.compacting() {}
         }
         let dead = t.store.dead_segments();
         t.store.delete(&dead).unwrap();
@@ -1770,6 +1803,45 @@ mod tests {
         drop(t);
         let mut t = open(dir.path());
         assert_eq!(attach(&mut t, "slow", 0, 99).pending, 5);
+    }
+
+    #[test]
+    fn compaction_works_in_slices_and_loses_nothing_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open(dir.path());
+        // Four devices keep one old message each; many others come and go.
+        for i in 0..4 {
+            push(&mut t, &format!("keep{i}"), i, NOW + 60_000, &format!("old{i}")).unwrap();
+        }
+        let busy = attach(&mut t, "busy", 0, 1).device;
+        for n in 0..200 {
+            t.enqueue(busy, 100 + n, NOW + 60_000, &[1u8; 64], 0).unwrap();
+            fill_at(&mut t, busy, NOW);
+            let upto = t.device(busy).acked() + 1;
+            t.on_ack(busy, upto, 0, 0);
+        }
+        assert!(t.compact(0.5, NOW, 1), "a candidate exists");
+        assert!(t.compacting(), "one record per call: not done yet");
+        // Traffic goes on between slices.
+        push(&mut t, "keep0", 9, NOW + 60_000, "new0").unwrap();
+        let mut calls = 1;
+        while t.compacting() {
+            t.compact(0.5, NOW, 1);
+            calls += 1;
+        }
+        assert!(calls > 5, "{calls}");
+        assert!(t.stats.compacted_records >= 4);
+        let dead = t.store.dead_segments();
+        assert!(!dead.is_empty());
+        t.store.delete(&dead).unwrap();
+        drop(t);
+        let mut t = open(dir.path());
+        let k = attach(&mut t, "keep0", 0, 2).device;
+        let got: Vec<String> = fill_at(&mut t, k, NOW).into_iter().map(|m| m.2).collect();
+        assert_eq!(got, ["old0", "new0"]);
+        for i in 1..4 {
+            assert_eq!(attach(&mut t, &format!("keep{i}"), 0, 3 + i).pending, 1);
+        }
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub use crate::session::Session;
 
 /// Size of the per-shard read scratch buffer and the write batch target.
 pub const SCRATCH: usize = 64 * 1024;
+/// Records a compaction looks at per tick (it continues on the next one), so copying a
+/// big segment never stalls the shard for long.
+pub const COMPACT_SLICE: usize = 4096;
 /// Sessions' timer wheel resolution.
 pub const TICK: Duration = Duration::from_millis(100);
 
@@ -599,6 +602,9 @@ impl ShardCore {
         {
             let st = &mut *self.state.borrow_mut();
             st.table.expire(now);
+            if st.table.compacting() {
+                st.table.compact(0.5, now, COMPACT_SLICE);
+            }
             if now >= st.maint_at {
                 st.maint_at = now + 1000;
                 self.maintain_store(st, now);
@@ -630,11 +636,12 @@ impl ShardCore {
         self.wake_sessions(&wake);
     }
 
-    /// Once a second: compact the emptiest old segment when more than two exist, and
-    /// delete segments nothing needs any more (after a flush, unless `memory`).
+    /// Once a second: start compacting the emptiest old segment when more than two
+    /// exist (ticks continue it a slice at a time), and delete segments nothing needs
+    /// any more (after a flush, unless `memory`).
     fn maintain_store(&self, st: &mut ShardState, now: u64) {
-        if st.table.store.segments() > 2 {
-            st.table.compact(0.5, now);
+        if !st.table.compacting() && st.table.store.segments() > 2 {
+            st.table.compact(0.5, now, COMPACT_SLICE);
         }
         st.table.forget_idle(now, self.cfg().max_ttl.as_millis() as u64, 4096);
         if st.table.store.dead_segments().is_empty() {
