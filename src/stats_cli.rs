@@ -69,12 +69,26 @@ pub fn render(server: &str, prev: &Value, now: &Value, dt: Duration) -> String {
         rate("ringpush_messages_total{event=acked}"),
         rate("ringpush_messages_total{event=expired}"),
     );
+    let store = |name: &str| -> u64 {
+        now["shards"].as_array().map_or(0, |a| a.iter().map(|s| s["gauges"][name].as_u64().unwrap_or(0)).sum())
+    };
+    let mb = |b: u64| b as f64 / (1 << 20) as f64;
+    let _ = writeln!(
+        out,
+        "store {:.1} MB on disk, {:.1} MB live, {} segments   flushes/s {:.0}   refused {}",
+        mb(store("ringpush_store_bytes")),
+        mb(store("ringpush_store_live_bytes")),
+        store("ringpush_store_segments"),
+        rate("ringpush_store_flushes_total"),
+        total(now, "ringpush_store_errors_total"),
+    );
     let _ = writeln!(out, "\nlatency (µs)      count      p50      p90      p99    p99.9      max");
     for (key, label) in [
         ("push_to_write", "push→write"),
         ("push_to_ack", "push→ack"),
         ("push_reply", "push reply"),
         ("handshake", "handshake"),
+        ("store_flush", "store flush"),
     ] {
         let q = &now["latency_us"][key];
         let f = |k: &str| q[k].as_u64().unwrap_or(0);
@@ -146,12 +160,15 @@ mod tests {
             "counters": {"ringpush_pushes_total{kind=unicast,result=accepted}": 10, "ringpush_messages_total{event=written}": 10}}],
             "latency_us": {}});
         let now = serde_json::json!({"shards": [{"shard": 0, "sessions": 3, "devices": 4, "queued_messages": 2,
-            "counters": {"ringpush_pushes_total{kind=unicast,result=accepted}": 30, "ringpush_messages_total{event=written}": 50}}],
+            "gauges": {"ringpush_store_bytes": 3145728, "ringpush_store_live_bytes": 1048576, "ringpush_store_segments": 2},
+            "counters": {"ringpush_pushes_total{kind=unicast,result=accepted}": 30, "ringpush_messages_total{event=written}": 50,
+                "ringpush_store_flushes_total": 8}}],
             "latency_us": {"push_to_write": {"count": 5, "p50": 12, "p90": 20, "p99": 30, "p999": 31, "max": 40}}});
         let text = render("box:7200", &prev, &now, Duration::from_secs(2));
         assert!(text.contains("sessions 3"), "{text}");
         assert!(text.contains("pushes/s 10 accepted"), "{text}");
         assert!(text.contains("messages/s 20 written"), "{text}");
         assert!(text.contains("push→write"), "{text}");
+        assert!(text.contains("store 3.0 MB on disk, 1.0 MB live, 2 segments   flushes/s 4"), "{text}");
     }
 }
