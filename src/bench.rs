@@ -965,9 +965,8 @@ async fn ringpush_device(
     let token = DeviceToken::mint(secret.as_bytes(), APP, &id, expiry);
     let mut dev = with_retries(permits, || DeviceClient::connect(server, APP, &id, token, 0)).await?;
     rx.connected(permits);
-    // Acks are decided when messages arrive (a read is never cancelled for a timer:
-    // that could drop bytes the socket already gave). What is unacked when the run
-    // ends stays on the server, as it would for a device that went away.
+    // Acks are decided when messages arrive; what is unacked when the run ends stays
+    // on the server, as it would for a device that went away.
     let mut acker = Acker::new(DEVICE_ACKS, 0, 0);
     loop {
         match dev.next_event().await {

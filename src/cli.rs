@@ -1,7 +1,9 @@
 //! The `ringpush` command line: `serve`, `token`, `device`, `push`.
 //! Every setting has a default, so `ringpush serve` runs a working box with no file.
 
-use crate::client::{unix_ms, AppClient, ClientError, DeviceClient, DeviceEvent, PushOutcome, PushTarget};
+use crate::client::{
+    unix_ms, AckPolicy, Acker, AppClient, ClientError, DeviceClient, DeviceEvent, PushOutcome, PushTarget,
+};
 use crate::config::Config;
 use crate::duration;
 use clap::{Args, Parser, Subcommand};
@@ -266,12 +268,14 @@ async fn device(a: DeviceArgs) -> Result<(), String> {
         (None, Some(s)) => DeviceToken::mint(s.as_bytes(), &a.app, &a.device, unix_ms() / 1000 + 86_400),
         (None, None) => return Err("give --token or --secret".into()),
     };
-    // Highest unicast and broadcast seq processed, stated on every reconnect.
-    let (mut last_acked, mut cursor) = (0u64, 0u64);
+    // Highest unicast and broadcast seq processed, stated on every reconnect; acks go
+    // out once per burst of messages read together.
+    let mut acker = Acker::new(AckPolicy { every: 1, delay: Duration::ZERO }, 0, 0);
     let mut received = 0u64;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let connecting = DeviceClient::connect_resume(a.server.as_str(), &a.app, &a.device, token, last_acked, cursor);
+        let connecting =
+            DeviceClient::connect_resume(a.server.as_str(), &a.app, &a.device, token, acker.seq, acker.bseq);
         let mut dev = match connecting.await {
             Ok(d) => d,
             Err(ClientError::Server { code, message }) => return Err(format!("server refused: {code}: {message}")),
@@ -283,8 +287,7 @@ async fn device(a: DeviceArgs) -> Result<(), String> {
             }
         };
         backoff = Duration::from_millis(100);
-        last_acked = last_acked.max(dev.welcome.acked_seq);
-        cursor = cursor.max(dev.welcome.broadcast_cursor);
+        acker.resume(&dev.welcome);
         let heartbeat = Duration::from_millis(dev.welcome.heartbeat_ms as u64);
         loop {
             let ev = glommio::timer::timeout(heartbeat, async { Ok(dev.next_event().await) }).await;
@@ -304,11 +307,9 @@ async fn device(a: DeviceArgs) -> Result<(), String> {
             };
             match ev {
                 DeviceEvent::Message(m) => {
-                    let seen = if m.broadcast { &mut cursor } else { &mut last_acked };
-                    if m.seq <= *seen {
+                    if !acker.received(&m) {
                         continue; // a redelivery we already printed
                     }
-                    *seen = m.seq;
                     received += 1;
                     let mut out = std::io::stdout().lock();
                     if a.json {
@@ -321,12 +322,11 @@ async fn device(a: DeviceArgs) -> Result<(), String> {
                         let _ = writeln!(out, "{}", String::from_utf8_lossy(&m.payload));
                     }
                     let _ = out.flush();
-                    // Coalesce: ack once per burst of buffered messages.
-                    if !dev.has_buffered_frame() && dev.ack_both(last_acked, cursor).await.is_err() {
+                    if !dev.has_buffered_frame() && acker.due() && acker.ack(&mut dev).await.is_err() {
                         break;
                     }
                     if a.count.is_some_and(|c| received >= c) {
-                        let _ = dev.ack_both(last_acked, cursor).await;
+                        let _ = acker.ack(&mut dev).await;
                         let _ = dev.close().await;
                         return Ok(());
                     }

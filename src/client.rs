@@ -171,10 +171,9 @@ pub struct Received {
 
 /// When a device acks: cumulative acks of both streams, coalesced so they do not add a
 /// packet per message. Ack once `every` messages are unacked, or once `delay` has
-/// passed since the first unacked one arrived (like TCP's delayed ACK); a device that
-/// goes quiet acks with its next heartbeat ([`Acker::due_by`] tells when). Keep `every`
-/// at most half the server's window (64 by default), so the window never fills while
-/// an ack waits.
+/// passed since the first unacked one arrived (like TCP's delayed ACK). Keep `every` at
+/// most half the server's window (64 by default), so the window never fills while an
+/// ack waits. `every: 1` acks each burst of messages read together.
 #[derive(Clone, Copy, Debug)]
 pub struct AckPolicy {
     pub every: u32,
@@ -214,9 +213,10 @@ impl Acker {
         self.unacked >= self.policy.every || self.since.is_some_and(|t| t.elapsed() >= self.policy.delay)
     }
 
-    /// When the delay makes an ack due (None: nothing unacked).
-    pub fn due_by(&self) -> Option<std::time::Instant> {
-        self.since.map(|t| t + self.policy.delay)
+    /// Takes the server's view from a WELCOME: what it considers acked was processed.
+    pub fn resume(&mut self, w: &Welcome) {
+        self.seq = self.seq.max(w.acked_seq);
+        self.bseq = self.bseq.max(w.broadcast_cursor);
     }
 
     /// Sends the cumulative ACK of both streams.
