@@ -532,17 +532,17 @@ impl DeviceTable {
                 msgs.insert(m.seq, q);
             }
         });
+        let (devices, mut messages, mut written) = (found.len(), 0, 0);
         for (k, msgs) in found {
-            let n = msgs.len();
+            messages += msgs.len();
             self.adopt(k, msgs.into_values().collect());
-            let written = self.rewrite_chain(k);
-            let d = &self.devices[k];
-            tracing::warn!(
-                device = &*d.id,
-                "the device's message chain crossed damaged store data: {n} messages found by scanning, {written} rewritten"
-            );
+            written += self.rewrite_chain(k);
             self.evict_over_bound(now_ms);
         }
+        tracing::warn!(
+            "{devices} devices' message chains crossed damaged store data: \
+             {messages} messages found by scanning, {written} written again as whole chains"
+        );
     }
 
     pub fn len(&self) -> usize {
@@ -1461,11 +1461,6 @@ impl DeviceTable {
         }
         self.stats.forgotten += forgotten as u64;
         forgotten
-    }
-
-    /// Every connected session of this shard (for shutdown).
-    pub fn sessions(&self) -> impl Iterator<Item = usize> + '_ {
-        self.devices.iter().filter_map(|(_, d)| d.session)
     }
 }
 

@@ -644,16 +644,17 @@ impl ShardCore {
             st.table.compact(0.5, now, COMPACT_SLICE);
         }
         st.table.forget_idle(now, self.cfg().max_ttl.as_millis() as u64, 4096);
-        if st.table.store.dead_segments().is_empty() {
+        let dead = st.table.store.dead_segments();
+        if dead.is_empty() {
             return;
         }
         if self.needs_flush() {
+            // The flusher deletes them after a flush (it lists them again then).
             st.reclaim_due = true;
             if let Some(w) = st.flusher.take() {
                 w.wake();
             }
         } else {
-            let dead = st.table.store.dead_segments();
             if let Err(e) = st.table.store.delete(&dead) {
                 tracing::error!(shard = self.id, "{e}");
             }

@@ -562,11 +562,6 @@ impl Store {
         self.appended
     }
 
-    /// Largest record body a segment can take.
-    pub fn max_body(&self) -> usize {
-        self.opts.segment_bytes - SEG_HEADER - REC_HEADER - ALIGN
-    }
-
     fn roll(&mut self, need: usize) -> Result<(), StoreError> {
         if need > self.opts.segment_bytes - SEG_HEADER {
             return Err(StoreError::Io(format!("record of {need} bytes is larger than a segment")));
