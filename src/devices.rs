@@ -34,7 +34,8 @@ use ringpush_protocol::{ErrorCode, Receipt};
 use slab::Slab;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-const NIL: usize = usize::MAX;
+/// No device (LRU links are 32-bit slab keys, to keep the device record small).
+const NIL: u32 = u32::MAX;
 
 /// A reference to one message waiting for (or in flight to) one device.
 #[derive(Clone, Copy, Debug)]
@@ -52,6 +53,40 @@ pub struct QueuedMsg {
 }
 
 #[derive(Debug)]
+/// One app's device id → slab key map. It keeps only the key: the id it hashes and
+/// compares is the one in the device record, so each id is stored once.
+#[derive(Default)]
+struct DeviceIndex {
+    keys: hashbrown::HashTable<u32>,
+    hasher: ahash::RandomState,
+}
+
+impl DeviceIndex {
+    fn get(&self, devices: &Slab<Device>, id: &str) -> Option<usize> {
+        let h = self.hasher.hash_one(id);
+        self.keys.find(h, |&k| *devices[k as usize].id == *id).map(|&k| k as usize)
+    }
+
+    /// Indexes `key`, already in `devices` (its id is not indexed yet).
+    fn insert(&mut self, devices: &Slab<Device>, key: usize) {
+        let h = self.hasher.hash_one(&*devices[key].id);
+        let hasher = &self.hasher;
+        self.keys.insert_unique(h, key as u32, |&k| hasher.hash_one(&*devices[k as usize].id));
+    }
+
+    /// Drops `key`, still in `devices`.
+    fn remove(&mut self, devices: &Slab<Device>, key: usize) {
+        let h = self.hasher.hash_one(&*devices[key].id);
+        if let Ok(e) = self.keys.find_entry(h, |&k| k as usize == key) {
+            e.remove();
+        }
+    }
+
+    fn keys(&self) -> impl Iterator<Item = usize> + '_ {
+        self.keys.iter().map(|&k| k as usize)
+    }
+}
+
 pub struct Device {
     pub app: u16,
     pub id: Box<str>,
@@ -82,11 +117,11 @@ pub struct Device {
     dev_loc: Loc,
     last_seen_ms: u64,
     /// Slab key of the session serving this device, if connected.
-    pub session: Option<usize>,
+    pub session: Option<u32>,
     /// Deadline currently armed in the expiry wheel (u64::MAX: none).
     expiry_armed: u64,
-    lru_prev: usize,
-    lru_next: usize,
+    lru_prev: u32,
+    lru_next: u32,
     /// Used since the eviction scan last passed (second chance).
     recent: bool,
 }
@@ -286,7 +321,7 @@ pub struct DeviceTable {
     devices: Slab<Device>,
     /// Per app index: device id → slab key.
     /// Keyed hashing (ahash, seeded per process): ids come from the network.
-    index: Vec<HashMap<Box<str>, usize, ahash::RandomState>>,
+    index: Vec<DeviceIndex>,
     /// App ids, by app index (records name apps by id, so config order may change).
     apps: Vec<Box<str>>,
     logs: Vec<AppLog>,
@@ -307,8 +342,8 @@ pub struct DeviceTable {
     cache_msgs: usize,
     /// References held by hot queues.
     hot_msgs: usize,
-    lru_head: usize,
-    lru_tail: usize,
+    lru_head: u32,
+    lru_tail: u32,
     /// Store failures since the last one was logged (one line per burst, not per push).
     quiet_errors: u64,
     /// Next slab key `forget_idle` looks at.
@@ -334,7 +369,7 @@ impl DeviceTable {
         let n = apps.len();
         DeviceTable {
             devices: Slab::new(),
-            index: (0..n).map(|_| HashMap::default()).collect(),
+            index: (0..n).map(|_| DeviceIndex::default()).collect(),
             apps,
             logs: (0..n).map(|_| AppLog { next_bseq: 1, head_loc: NO_LOC, ..AppLog::default() }).collect(),
             receipts: Receipts::new(opts.receipts),
@@ -453,7 +488,7 @@ impl DeviceTable {
             self.repair_chains(broken, now_ms);
         }
         for app in 0..self.logs.len() {
-            let mut cursors: Vec<u64> = self.index[app].values().map(|&k| self.devices[k].cursor).collect::<Vec<_>>();
+            let mut cursors: Vec<u64> = self.index[app].keys().map(|k| self.devices[k].cursor).collect::<Vec<_>>();
             cursors.sort_unstable();
             let log = &mut self.logs[app];
             let mut v: Vec<BEntry> = log.entries.drain(..).collect();
@@ -513,7 +548,7 @@ impl DeviceTable {
         store.scan(|l, rec| {
             let Record::Message(m) = rec else { return };
             let Some(app) = apps.iter().position(|a| **a == *m.app) else { return };
-            let Some(&k) = index[app].get(m.id) else { return };
+            let Some(k) = index[app].get(devices, m.id) else { return };
             let Some(msgs) = found.get_mut(&k) else { return };
             let d = &devices[k];
             if m.seq > d.acked.max(d.floor) {
@@ -573,7 +608,7 @@ impl DeviceTable {
     }
 
     pub fn find(&self, app: u16, id: &str) -> Option<usize> {
-        self.index[app as usize].get(id).copied()
+        self.index[app as usize].get(&self.devices, id)
     }
 
     pub fn receipt(&self, push_id: u64) -> Option<Counts> {
@@ -628,7 +663,7 @@ impl DeviceTable {
             lru_next: NIL,
             recent: false,
         });
-        self.index[app as usize].insert(id.into(), key);
+        self.index[app as usize].insert(&self.devices, key);
         key
     }
 
@@ -680,14 +715,14 @@ impl DeviceTable {
     fn lru_unlink(&mut self, k: usize) {
         let (p, n) = (self.devices[k].lru_prev, self.devices[k].lru_next);
         if p != NIL {
-            self.devices[p].lru_next = n;
-        } else if self.lru_head == k {
+            self.devices[p as usize].lru_next = n;
+        } else if self.lru_head == k as u32 {
             self.lru_head = n;
         } else {
             return; // not linked
         }
         if n != NIL {
-            self.devices[n].lru_prev = p;
+            self.devices[n as usize].lru_prev = p;
         } else {
             self.lru_tail = p;
         }
@@ -701,7 +736,7 @@ impl DeviceTable {
     /// and the eviction scan gives it a second chance (CLOCK).
     fn lru_touch(&mut self, k: usize) {
         let d = &mut self.devices[k];
-        if d.lru_prev != NIL || self.lru_head == k {
+        if d.lru_prev != NIL || self.lru_head == k as u32 {
             d.recent = true;
             return;
         }
@@ -715,11 +750,11 @@ impl DeviceTable {
         d.lru_prev = NIL;
         d.recent = false;
         if old != NIL {
-            self.devices[old].lru_prev = k;
+            self.devices[old as usize].lru_prev = k as u32;
         } else {
-            self.lru_tail = k;
+            self.lru_tail = k as u32;
         }
-        self.lru_head = k;
+        self.lru_head = k as u32;
     }
 
     /// Evicts the least recently used unconnected devices while the hot queues hold more
@@ -730,7 +765,7 @@ impl DeviceTable {
         let mut budget = 64;
         while self.hot_msgs > self.cache_msgs && self.lru_tail != NIL && budget > 0 {
             budget -= 1;
-            let k = self.lru_tail;
+            let k = self.lru_tail as usize;
             let d = &self.devices[k];
             if d.recent || d.session.is_some() {
                 self.lru_unlink(k);
@@ -858,7 +893,7 @@ impl DeviceTable {
         if !known && cursor > d.cursor {
             d.cursor = cursor;
         }
-        let replaced = d.session.replace(session);
+        let replaced = d.session.replace(session as u32).map(|k| k as usize);
         d.last_seen_ms = now_ms;
         let upto = last_acked.min(d.next_seq - 1);
         self.ack_upto(key, upto, now_us);
@@ -875,7 +910,7 @@ impl DeviceTable {
     /// sent again on the next session.
     pub fn detach(&mut self, key: usize, session: usize, now_ms: u64) {
         if let Some(d) = self.devices.get_mut(key) {
-            if d.session == Some(session) {
+            if d.session == Some(session as u32) {
                 d.session = None;
                 d.sent_upto = d.acked;
                 d.bsent = d.cursor;
@@ -935,7 +970,7 @@ impl DeviceTable {
             d.expiry_armed = expiry_ms;
             self.expiry.insert(key, expiry_ms);
         }
-        let session = d.session;
+        let session = d.session.map(|k| k as usize);
         if self.devices[key].loaded {
             self.lru_touch(key);
         }
@@ -1005,7 +1040,7 @@ impl DeviceTable {
 
     /// Sessions of `app`'s devices (to wake after a broadcast).
     pub fn app_sessions(&self, app: u16) -> impl Iterator<Item = usize> + '_ {
-        self.index[app as usize].values().filter_map(|&k| self.devices[k].session)
+        self.index[app as usize].keys().filter_map(|k| self.devices[k].session.map(|s| s as usize))
     }
 
     /// Applies a cumulative ACK of both streams from the session. Acks beyond what was
@@ -1452,9 +1487,10 @@ impl DeviceTable {
             if !idle || d.last_seen_ms.saturating_add(idle_ms) > now_ms {
                 continue;
             }
+            let app = d.app as usize;
             self.lru_unlink(k);
+            self.index[app].remove(&self.devices, k);
             let d = self.devices.remove(k);
-            self.index[d.app as usize].remove(&d.id);
             self.logs[d.app as usize].devices -= 1;
             self.store.release(d.dev_loc);
             forgotten += 1;

@@ -44,5 +44,6 @@ pub mod stats_cli;
 pub mod store;
 pub mod store_bench;
 pub mod timer;
+pub mod uring;
 
 pub use ringpush_protocol as protocol;

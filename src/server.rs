@@ -277,7 +277,17 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
     let rep_tasks = connect_senders(boot.rep_tx);
     let requests = await_senders(req_tasks).await;
     let replies = await_senders(rep_tasks).await;
-    let core = Rc::new(ShardCore::new(id, shared, requests, replies));
+    let ring = match crate::uring::SessionRing::new() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(
+                shard = id,
+                "cannot set up the device io_uring (multishot receive and provided-buffer rings need Linux 6.0 or later): {e}"
+            );
+            return;
+        }
+    };
+    let core = Rc::new(ShardCore::new(id, shared, requests, replies, ring));
     for t in rx_tasks {
         let rx = t.await;
         let c = Rc::clone(&core);
@@ -342,6 +352,7 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
         glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
     }
     glommio::spawn_local(Rc::clone(&core).flusher()).detach();
+    glommio::spawn_local(crate::session::drive(Rc::clone(&core))).detach();
 
     // SAFETY: the fds are listening sockets created for this shard and owned by it.
     let device_listener = unsafe { TcpListener::from_raw_fd(boot.device_fd.into_raw_fd()) };

@@ -2,21 +2,23 @@
 //! and the session loop that reads acks and pings and writes messages.
 //!
 //! Runs on: the accepting shard (handshake) and then the device's owner shard
-//! (session). A session's state is a [`Session`] in the owner shard's slab; its task
-//! holds only the socket. Reads land in the shard's scratch buffer and writes are
-//! built in the shard's write buffer: a session keeps bytes of its own only while a
-//! frame is half-read or the socket refuses bytes. Glommio's non-buffered stream polls
-//! readiness before it reads, so a read that is pending holds no buffer either.
+//! (session). The handshake is a glommio task with a glommio stream; once HELLO
+//! verifies, the socket becomes a [`Session`] in the owner shard's slab: a raw
+//! descriptor, no task. The shard's session driver ([`drive`]) serves every session
+//! through the shard's own io_uring ([`crate::uring`]): received bytes arrive in the
+//! ring's provided buffers, and each round encodes every due session's frames into one
+//! arena and sends them all with one submission. A session keeps bytes of its own only
+//! while a frame is half-read or the socket refuses bytes.
 
 use crate::clock::mono_us;
 use crate::routing::shard_for;
 use crate::shard::{Request, ShardCore, ShardState, SCRATCH};
-use futures_lite::io::{AsyncRead, AsyncWrite};
+use crate::uring::{self, Completion, Op, SessionRing};
 use glommio::net::TcpStream;
+use glommio::{GlommioError, ResourceType};
 use ringpush_protocol::device::{DeviceFrame, Welcome};
 use ringpush_protocol::{Bye, DecodeError, DeviceToken, ErrorCode, ErrorFrame, Limits, Preamble, Role, PREAMBLE_LEN};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::pin::Pin;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,7 +27,7 @@ use std::time::Duration;
 /// device is disconnected as a slow consumer.
 const MAX_SESSION_OUT: usize = 4 * SCRATCH;
 
-/// Read/write rounds one poll of a session may run before yielding to other tasks.
+/// Read/write rounds one poll of an app connection may run before yielding.
 pub(crate) const POLL_BUDGET: usize = 16;
 
 /// How a session ends.
@@ -45,12 +47,14 @@ pub struct Session {
     pub device: usize,
     /// Distinguishes this session from a later one reusing the slab key.
     pub gen: u32,
-    /// Wakes the session task when messages arrive or a timer fires.
-    pub waker: Option<std::task::Waker>,
-    /// Bytes the socket has not accepted yet (empty, unallocated while idle).
-    pub out: Vec<u8>,
-    /// A partly received frame (empty, unallocated while idle).
-    pub inbuf: Vec<u8>,
+    /// The socket (its ring requests are cancelled before it closes).
+    pub fd: OwnedFd,
+    /// In the shard's due list for the next driver round.
+    pub queued: bool,
+    /// The socket refused bytes; a POLLOUT wait is armed.
+    pub writable_armed: bool,
+    /// Bytes of its own, only while it has any (none while idle).
+    pub spill: Option<Box<Spill>>,
     pub last_seen_ms: u64,
     /// When the socket started refusing bytes (0: it is not).
     pub blocked_since_ms: u64,
@@ -59,6 +63,33 @@ pub struct Session {
     pub final_sent: bool,
     /// Drop the connection now, without flushing.
     pub kill: bool,
+}
+
+/// Bytes a session holds of its own: what the socket has not accepted yet and a partly
+/// received frame. Boxed and absent while both are empty, so an idle session pays for
+/// one pointer.
+#[derive(Default)]
+pub struct Spill {
+    pub out: Vec<u8>,
+    pub inbuf: Vec<u8>,
+}
+
+impl Session {
+    /// Bytes waiting for the socket.
+    pub fn out_len(&self) -> usize {
+        self.spill.as_ref().map_or(0, |b| b.out.len())
+    }
+
+    fn spill_mut(&mut self) -> &mut Spill {
+        self.spill.get_or_insert_with(Default::default)
+    }
+
+    /// Frees the spill once it holds nothing.
+    fn tidy(&mut self) {
+        if self.spill.as_ref().is_some_and(|b| b.out.is_empty() && b.inbuf.is_empty()) {
+            self.spill = None;
+        }
+    }
 }
 
 /// Error found during a handshake: what to send before closing.
@@ -228,17 +259,19 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
     }
     let app_id = &core.cfg().apps[hello.app as usize].id;
     let owner = shard_for(app_id, &hello.device, core.shared.shards);
-    let Some(tx) = &core.requests[owner] else {
-        return attach(&core, stream, hello.app, &hello.device, (hello.last_acked, hello.cursor), &leftover);
-    };
-    // Hand the socket to its owner: a duplicate fd travels, this one closes.
+    // The session lives on as a raw descriptor: a duplicate, since the glommio stream
+    // closes its own when dropped.
     // SAFETY: dup returns a new descriptor we own, or -1 which is checked.
     let fd = unsafe { libc::dup(stream.as_raw_fd()) };
     if fd < 0 {
         return reject(stream, Role::Device, HandshakeError::new(ErrorCode::INTERNAL, "dup failed")).await;
     }
+    drop(stream);
     // SAFETY: fd is a fresh descriptor owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let Some(tx) = &core.requests[owner] else {
+        return attach(&core, fd, hello.app, &hello.device, (hello.last_acked, hello.cursor), &leftover);
+    };
     let req = Request::HandOff {
         fd,
         app: hello.app,
@@ -248,24 +281,22 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
         leftover,
     };
     match tx.try_send(req) {
-        Ok(()) => {
-            core.state.borrow_mut().stats.handed_off += 1;
-            // Dropping our descriptor must not shut the socket down: the owner has it.
-            drop(stream);
-        }
-        Err(_) => {
+        Ok(()) => core.state.borrow_mut().stats.handed_off += 1,
+        Err(GlommioError::WouldBlock(ResourceType::Channel(Request::HandOff { fd, .. }))) => {
             let e = HandshakeError::new(ErrorCode::BUSY, "owner shard is busy, retry");
-            reject(stream, Role::Device, e).await;
+            reject(stream_of(fd), Role::Device, e).await;
         }
+        // The owner shard has stopped: the socket closes with the request.
+        Err(_) => {}
     }
 }
 
 /// Binds a verified device connection to a session on this (its owner) shard.
 /// `acks` is the device's own (last acked seq, broadcast cursor) from its HELLO.
-pub fn attach(core: &Rc<ShardCore>, stream: TcpStream, app: u16, device: &str, acks: (u64, u64), leftover: &[u8]) {
+pub fn attach(core: &Rc<ShardCore>, fd: OwnedFd, app: u16, device: &str, acks: (u64, u64), leftover: &[u8]) {
     if core.draining.get() {
         let e = HandshakeError::new(ErrorCode::SHUTTING_DOWN, "server shutting down");
-        glommio::spawn_local(reject(stream, Role::Device, e)).detach();
+        glommio::spawn_local(reject(stream_of(fd), Role::Device, e)).detach();
         return;
     }
     let now = core.now_ms();
@@ -286,24 +317,26 @@ pub fn attach(core: &Rc<ShardCore>, stream: TcpStream, app: u16, device: &str, a
             pending: a.pending,
         })
         .encode(&mut out);
+        core.ring.borrow_mut().arm_recv(fd.as_raw_fd(), key, gen);
         st.sessions.insert(Session {
             device: a.device,
             gen,
-            waker: None,
-            out,
-            inbuf: Vec::new(),
+            fd,
+            queued: false,
+            writable_armed: false,
+            spill: Some(Box::new(Spill { out, inbuf: Vec::new() })),
             last_seen_ms: now,
             blocked_since_ms: 0,
             close: None,
             final_sent: false,
             kill: false,
         });
+        let ShardState { sessions, due, .. } = st;
+        due.kick(sessions, key);
         if let Some(old) = a.replaced {
-            if let Some(s) = st.sessions.get_mut(old) {
+            if let Some(s) = sessions.get_mut(old) {
                 s.close = Some(Close::Bye(ErrorCode::REPLACED));
-                if let Some(w) = &s.waker {
-                    w.wake_by_ref();
-                }
+                due.kick(sessions, old);
             }
             st.stats.replaced += 1;
         }
@@ -313,39 +346,28 @@ pub fn attach(core: &Rc<ShardCore>, stream: TcpStream, app: u16, device: &str, a
     if !leftover.is_empty() {
         on_device_bytes(core, key, leftover);
     }
-    let core = Rc::clone(core);
-    glommio::spawn_local(async move {
-        let mut stream = stream;
-        let graceful = futures_lite::future::poll_fn(|cx| poll_session(&core, key, &mut stream, cx)).await;
-        {
-            let st = &mut *core.state.borrow_mut();
-            let s = st.sessions.remove(key);
-            st.table.detach(s.device, key, core.now_ms());
-            st.stats.sessions_closed += 1;
-        }
-        if graceful {
-            // Boxed: the task's state machine is as large as its largest await, and
-            // this one (timer, read buffer) would otherwise sit in every idle session.
-            Box::pin(linger_close(&mut stream, &[])).await;
-        }
-    })
-    .detach();
+}
+
+/// A glommio stream over a session's socket, for a lingering close or a rejection.
+fn stream_of(fd: OwnedFd) -> TcpStream {
+    // SAFETY: the descriptor is a connected TCP socket we own; the stream takes it.
+    unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) }
 }
 
 /// Handles bytes a device sent: acks, pings, BYE; anything else closes the session
-/// with an ERROR frame.
+/// with an ERROR frame. Marks the session due when it has something to write.
 pub fn on_device_bytes(core: &ShardCore, key: usize, data: &[u8]) {
     let now = core.now_ms();
     let limits = Limits { max_frame: core.cfg().max_device_frame, max_targets: 0 };
     let st = &mut *core.state.borrow_mut();
     st.stats.device_bytes_in += data.len() as u64;
-    let ShardState { sessions, table, .. } = st;
+    let ShardState { sessions, table, due, .. } = st;
     let s = &mut sessions[key];
     s.last_seen_ms = now;
     if s.close.is_some() {
         return;
     }
-    let mut held = std::mem::take(&mut s.inbuf);
+    let mut held = s.spill.as_mut().map(|b| std::mem::take(&mut b.inbuf)).unwrap_or_default();
     let buf: &[u8] = if held.is_empty() {
         data
     } else {
@@ -353,13 +375,17 @@ pub fn on_device_bytes(core: &ShardCore, key: usize, data: &[u8]) {
         &held
     };
     let mut pos = 0;
+    let mut acked = false;
     while s.close.is_none() {
         match DeviceFrame::decode(&buf[pos..], &limits) {
             Ok(Some((frame, n))) => {
                 pos += n;
                 match frame {
-                    DeviceFrame::Ack(a) => table.on_ack(s.device, a.seq, a.broadcast_seq, mono_us()),
-                    DeviceFrame::Ping(nonce) => DeviceFrame::Pong(nonce).encode(&mut s.out),
+                    DeviceFrame::Ack(a) => {
+                        table.on_ack(s.device, a.seq, a.broadcast_seq, mono_us());
+                        acked = true;
+                    }
+                    DeviceFrame::Ping(nonce) => DeviceFrame::Pong(nonce).encode(&mut s.spill_mut().out),
                     DeviceFrame::Pong(_) => {}
                     DeviceFrame::Bye(_) => s.close = Some(Close::Quiet),
                     _ => {
@@ -376,98 +402,309 @@ pub fn on_device_bytes(core: &ShardCore, key: usize, data: &[u8]) {
         }
     }
     let rest = &buf[pos..];
-    s.inbuf = if rest.is_empty() || s.close.is_some() { Vec::new() } else { rest.to_vec() };
+    if !rest.is_empty() && s.close.is_none() {
+        s.spill_mut().inbuf = rest.to_vec();
+    }
+    s.tidy();
+    // An ack may open the device's window for more messages.
+    if acked || s.out_len() > 0 || s.close.is_some() {
+        due.kick(sessions, key);
+    }
 }
 
-/// Drives one session: read what the device sent, write what it is owed, and finish
-/// when it closes. Returns `true` when the session ends gracefully (final frame
-/// flushed), `false` when the connection broke or was killed.
-fn poll_session(core: &ShardCore, key: usize, stream: &mut TcpStream, cx: &mut Context<'_>) -> Poll<bool> {
-    for _ in 0..POLL_BUDGET {
-        let mut progress = false;
-        let (kill, closing) = {
-            let st = core.state.borrow();
-            let s = &st.sessions[key];
-            (s.kill, s.close.is_some())
-        };
-        if kill {
-            return Poll::Ready(false);
-        }
-        if !closing {
-            let mut scratch = core.scratch.borrow_mut();
-            match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(false),
-                Poll::Ready(Ok(n)) => {
-                    on_device_bytes(core, key, &scratch[..n]);
-                    progress = true;
-                }
-                Poll::Pending => {}
-            }
-        }
+/// Sessions one driver round serves at most; the rest wait for the next round.
+const ROUND_SESSIONS: usize = 4096;
+/// Bytes one round encodes at most before it sends.
+const ROUND_BYTES: usize = 4 << 20;
 
-        let now = core.now_ms();
-        let mut w = core.wbuf.borrow_mut();
-        w.clear();
-        {
+/// One session's bytes in a round's arena, sent by one `SEND`.
+struct Queued {
+    key: usize,
+    gen: u32,
+    fd: RawFd,
+    start: usize,
+    end: usize,
+    /// The session had more to send than one batch.
+    more: bool,
+}
+
+/// Reusable buffers of the session driver.
+#[derive(Default)]
+pub struct DriverScratch {
+    cqes: Vec<Completion>,
+    keys: Vec<usize>,
+    queued: Vec<Queued>,
+    /// Sessions that ended this round: their socket, and whether to close gracefully.
+    ends: Vec<(OwnedFd, bool)>,
+}
+
+/// The shard's session driver: reaps the device ring's completions (bytes received,
+/// sockets writable again) and serves the sessions marked due, in rounds, until the
+/// shard stops.
+pub async fn drive(core: Rc<ShardCore>) {
+    glommio::spawn_local(watch_ring(Rc::clone(&core))).detach();
+    let mut scratch = DriverScratch::default();
+    loop {
+        futures_lite::future::poll_fn(|cx| {
+            let reaped = core.ring.borrow_mut().has_completions();
             let st = &mut *core.state.borrow_mut();
-            let s = &mut st.sessions[key];
-            w.extend_from_slice(&s.out);
-            s.out.clear();
-            match s.close {
-                None => {
-                    if w.len() < SCRATCH {
-                        st.table.fill(s.device, now, mono_us(), &mut w, SCRATCH);
-                    }
-                }
-                Some(c) if !s.final_sent => {
-                    s.final_sent = true;
-                    match c {
-                        Close::Bye(reason) => DeviceFrame::Bye(Bye { reason, redirect: "" }).encode(&mut w),
-                        Close::Error(code, message) => DeviceFrame::Error(ErrorFrame { code, message }).encode(&mut w),
-                        Close::Quiet => {}
-                    }
-                }
-                Some(_) => {}
+            if reaped || !st.due.keys.is_empty() {
+                Poll::Ready(())
+            } else {
+                park(&mut st.due.driver, cx)
             }
+        })
+        .await;
+        round(&core, &mut scratch);
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// Waits on the ring's eventfd through glommio's reactor and wakes the driver each
+/// time the ring posts completions.
+async fn watch_ring(core: Rc<ShardCore>) {
+    // SAFETY: dup returns a new descriptor we own, or -1 which is checked.
+    let fd = unsafe { libc::dup(core.ring.borrow().eventfd()) };
+    if fd < 0 {
+        tracing::error!(shard = core.id, "cannot watch the device ring: {}", std::io::Error::last_os_error());
+        return;
+    }
+    // SAFETY: fd is a fresh eventfd descriptor; the file owns it from here.
+    let event = unsafe { glommio::io::BufferedFile::from_raw_fd(fd) };
+    loop {
+        if let Err(e) = event.read_at(0, 8).await {
+            tracing::error!(shard = core.id, "reading the device ring's eventfd failed: {e}");
+            glommio::timer::sleep(crate::shard::TICK).await;
         }
-        if !w.is_empty() {
-            let accepted = match Pin::new(&mut *stream).poll_write(cx, &w) {
-                Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(_)) => return Poll::Ready(false),
-                Poll::Pending => 0,
-            };
-            progress |= accepted > 0;
-            let st = &mut *core.state.borrow_mut();
-            let slow = core.cfg().slow_device_timeout.as_millis() as u64;
-            st.stats.device_bytes_out += accepted as u64;
-            let ShardState { sessions, wheel, .. } = st;
-            let s = &mut sessions[key];
-            s.out.extend_from_slice(&w[accepted..]);
-            if s.out.is_empty() {
-                s.blocked_since_ms = 0;
-            } else if s.blocked_since_ms == 0 {
-                s.blocked_since_ms = now;
-                wheel.insert((key, s.gen), now + slow);
-            }
-            if s.out.len() > MAX_SESSION_OUT {
-                st.stats.slow_disconnects += 1;
-                return Poll::Ready(false);
-            }
-        }
-        drop(w);
-        let st = &mut *core.state.borrow_mut();
-        let s = &mut st.sessions[key];
-        if s.out.is_empty() && s.out.capacity() > 0 {
-            s.out = Vec::new();
-        }
-        if s.close.is_some() && s.final_sent && s.out.is_empty() {
-            return Poll::Ready(true);
-        }
-        if !progress {
-            return park(&mut s.waker, cx);
+        if let Some(w) = core.state.borrow_mut().due.driver.take() {
+            w.wake();
         }
     }
-    yield_now(cx)
+}
+
+/// One round: handle completions, encode every due session's frames into the arena,
+/// send them all with one submission, and settle what each socket accepted.
+fn round(core: &Rc<ShardCore>, sc: &mut DriverScratch) {
+    core.ring.borrow_mut().drain(&mut sc.cqes);
+    reap(core, sc, &[]);
+
+    let now = core.now_ms();
+    let mut arena = core.wbuf.borrow_mut();
+    arena.clear();
+    {
+        let st = &mut *core.state.borrow_mut();
+        std::mem::swap(&mut sc.keys, &mut st.due.keys);
+        let mut ring = core.ring.borrow_mut();
+        let mut served = 0;
+        for i in 0..sc.keys.len() {
+            if served >= ROUND_SESSIONS || arena.len() >= ROUND_BYTES {
+                // Still marked due: they go first next round.
+                st.due.keys.extend_from_slice(&sc.keys[i..]);
+                break;
+            }
+            served += 1;
+            prepare(st, &mut ring, sc.keys[i], now, &mut arena, sc);
+        }
+        sc.keys.clear();
+        for (i, q) in sc.queued.iter().enumerate() {
+            // SAFETY: the arena is neither touched nor freed until every send of this
+            // round has completed (the loop below waits for all of them).
+            unsafe { ring.send(q.fd, arena.as_ptr().add(q.start), q.end - q.start, i, q.gen) };
+        }
+        ring.submit();
+        let mut outstanding = sc.queued.len();
+        loop {
+            let before = sc.cqes.len();
+            ring.drain(&mut sc.cqes);
+            outstanding -= sc.cqes[before..].iter().filter(|c| c.op == Op::Send).count();
+            if outstanding == 0 {
+                break;
+            }
+            // Non-blocking sends complete during the submission; this is a fallback.
+            ring.submit_and_wait(1);
+        }
+    }
+    reap(core, sc, &arena);
+    sc.queued.clear();
+    drop(arena);
+
+    // Cancel before closing: the ring holds the sockets until its requests end.
+    core.ring.borrow_mut().submit();
+    for (fd, graceful) in sc.ends.drain(..) {
+        if graceful {
+            // Boxed: rare, and the driver's own state stays small.
+            glommio::spawn_local(async move {
+                let mut stream = stream_of(fd);
+                linger_close(&mut stream, &[]).await;
+            })
+            .detach();
+        }
+    }
+}
+
+/// Encodes what session `key` is owed into the arena and queues its send, or ends it.
+fn prepare(
+    st: &mut ShardState,
+    ring: &mut SessionRing,
+    key: usize,
+    now: u64,
+    arena: &mut Vec<u8>,
+    sc: &mut DriverScratch,
+) {
+    let Some(s) = st.sessions.get_mut(key) else {
+        return;
+    };
+    s.queued = false;
+    if s.kill {
+        return end(st, ring, key, false, &mut sc.ends, now);
+    }
+    if s.writable_armed {
+        // The socket refuses bytes; its POLLOUT completion marks it due again.
+        return;
+    }
+    let ShardState { sessions, table, .. } = st;
+    let s = &mut sessions[key];
+    let start = arena.len();
+    if let Some(b) = &mut s.spill {
+        arena.extend_from_slice(&b.out);
+        b.out.clear();
+    }
+    s.tidy();
+    match s.close {
+        None => {
+            table.fill(s.device, now, mono_us(), arena, start + SCRATCH);
+        }
+        Some(c) if !s.final_sent => {
+            s.final_sent = true;
+            match c {
+                Close::Bye(reason) => DeviceFrame::Bye(Bye { reason, redirect: "" }).encode(arena),
+                Close::Error(code, message) => DeviceFrame::Error(ErrorFrame { code, message }).encode(arena),
+                Close::Quiet => {}
+            }
+        }
+        Some(_) => {}
+    }
+    if arena.len() > start {
+        let more = s.close.is_none() && arena.len() >= start + SCRATCH;
+        sc.queued.push(Queued { key, gen: s.gen, fd: s.fd.as_raw_fd(), start, end: arena.len(), more });
+    } else if s.close.is_some() && s.final_sent {
+        end(st, ring, key, true, &mut sc.ends, now);
+    }
+}
+
+/// Removes session `key`: its device goes offline, its ring requests are cancelled,
+/// and its socket waits in `ends` until the cancellation is submitted.
+fn end(st: &mut ShardState, ring: &mut SessionRing, key: usize, graceful: bool, ends: &mut Vec<(OwnedFd, bool)>, now: u64) {
+    let s = st.sessions.remove(key);
+    st.table.detach(s.device, key, now);
+    st.stats.sessions_closed += 1;
+    ring.cancel(s.fd.as_raw_fd());
+    ends.push((s.fd, graceful));
+}
+
+/// Handles the completions in `sc.cqes`: received bytes, re-arms, writable sockets,
+/// and (with `arena`, during a round's send phase) what each send accepted.
+fn reap(core: &Rc<ShardCore>, sc: &mut DriverScratch, arena: &[u8]) {
+    if sc.cqes.is_empty() {
+        return;
+    }
+    let now = core.now_ms();
+    let mut recycled = false;
+    for c in sc.cqes.drain(..) {
+        let live = {
+            let st = core.state.borrow();
+            st.sessions.get(c.key).is_some_and(|s| uring::gen24(s.gen) == c.gen)
+        };
+        match c.op {
+            Op::Recv => {
+                if let Some(bid) = c.buffer() {
+                    if live && c.res > 0 {
+                        let ring = core.ring.borrow();
+                        on_device_bytes(core, c.key, ring.buffer(bid, c.res as usize));
+                    }
+                    core.ring.borrow_mut().recycle(bid);
+                    recycled = true;
+                }
+                if live && !c.more() {
+                    let st = &mut *core.state.borrow_mut();
+                    let ShardState { sessions, due, .. } = st;
+                    let s = &mut sessions[c.key];
+                    if c.res > 0 || c.res == -libc::ENOBUFS {
+                        core.ring.borrow_mut().arm_recv(s.fd.as_raw_fd(), c.key, s.gen);
+                    } else {
+                        // End of stream or a socket error: the connection is gone.
+                        s.kill = true;
+                        due.kick(sessions, c.key);
+                    }
+                }
+            }
+            Op::Writable => {
+                if live {
+                    let st = &mut *core.state.borrow_mut();
+                    let ShardState { sessions, due, .. } = st;
+                    sessions[c.key].writable_armed = false;
+                    due.kick(sessions, c.key);
+                }
+            }
+            Op::Send => {
+                if let Some(q) = sc.queued.get(c.key) {
+                    settle_send(core, q, c.res, &arena[q.start..q.end], now);
+                }
+            }
+            Op::Cancel => {}
+        }
+    }
+    if recycled {
+        core.ring.borrow_mut().publish();
+    }
+}
+
+/// Settles one send of a round: keeps what the socket refused, waits for it to become
+/// writable, disconnects a consumer too slow to take its bytes, and ends a session
+/// whose final frame went out.
+fn settle_send(core: &Rc<ShardCore>, q: &Queued, res: i32, bytes: &[u8], now: u64) {
+    let slow = core.cfg().slow_device_timeout.as_millis() as u64;
+    let st = &mut *core.state.borrow_mut();
+    let ShardState { sessions, wheel, due, stats, .. } = st;
+    let Some(s) = sessions.get_mut(q.key).filter(|s| s.gen == q.gen) else {
+        return;
+    };
+    let accepted = match res {
+        n if n >= 0 => n as usize,
+        n if n == -libc::EAGAIN => 0,
+        _ => {
+            s.kill = true;
+            due.kick(sessions, q.key);
+            return;
+        }
+    };
+    stats.device_bytes_out += accepted as u64;
+    let rest = &bytes[accepted.min(bytes.len())..];
+    if rest.is_empty() {
+        s.blocked_since_ms = 0;
+        if q.more || s.out_len() > 0 || (s.close.is_some() && s.final_sent) {
+            due.kick(sessions, q.key);
+        }
+        return;
+    }
+    // What the socket refused goes before anything queued since.
+    let b = s.spill_mut();
+    let mut out = Vec::with_capacity(rest.len() + b.out.len());
+    out.extend_from_slice(rest);
+    out.extend_from_slice(&b.out);
+    b.out = out;
+    if s.blocked_since_ms == 0 {
+        s.blocked_since_ms = now;
+        wheel.insert((q.key, s.gen), now + slow);
+    }
+    if s.out_len() > MAX_SESSION_OUT {
+        stats.slow_disconnects += 1;
+        s.kill = true;
+        due.kick(sessions, q.key);
+    } else {
+        s.writable_armed = true;
+        core.ring.borrow_mut().arm_writable(q.fd, q.key, s.gen);
+    }
 }
 
 /// Keeps the task's waker in `slot` (cloned only when it changed) so pushes and

@@ -217,9 +217,32 @@ impl ShardStats {
     }
 }
 
+/// Sessions due for the session driver's next round, and the driver's waker.
+#[derive(Default)]
+pub struct Due {
+    pub keys: Vec<usize>,
+    pub driver: Option<std::task::Waker>,
+}
+
+impl Due {
+    /// Marks session `key` due (once) and wakes the driver.
+    pub fn kick(&mut self, sessions: &mut Slab<Session>, key: usize) {
+        if let Some(s) = sessions.get_mut(key) {
+            if !s.queued {
+                s.queued = true;
+                self.keys.push(key);
+            }
+            if let Some(w) = self.driver.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
 pub struct ShardState {
     pub table: DeviceTable,
     pub sessions: Slab<Session>,
+    pub due: Due,
     pub apps: Slab<AppConn>,
     /// (session key, generation) armed at the session's next deadline.
     pub wheel: TimerWheel<(usize, u32)>,
@@ -260,8 +283,10 @@ pub struct ShardCore {
     pub state: RefCell<ShardState>,
     /// Read scratch: sessions read into it and keep only a partial frame, if any.
     pub scratch: RefCell<Vec<u8>>,
-    /// Write scratch: sessions encode their batch here.
+    /// Write scratch: the session driver's arena, and app connections' replies.
     pub wbuf: RefCell<Vec<u8>>,
+    /// The ring device sessions are served through.
+    pub ring: RefCell<crate::uring::SessionRing>,
     /// `requests[s]` sends to shard `s` (None for this shard).
     pub requests: Vec<Option<Rc<ConnectedSender<Request>>>>,
     pub replies: Vec<Option<Rc<ConnectedSender<Reply>>>>,
@@ -274,6 +299,7 @@ impl ShardCore {
         shared: Arc<Shared>,
         requests: Vec<Option<Rc<ConnectedSender<Request>>>>,
         replies: Vec<Option<Rc<ConnectedSender<Reply>>>>,
+        ring: crate::uring::SessionRing,
     ) -> Self {
         let cfg = &shared.cfg;
         let now = shared.clock.now_ms();
@@ -282,6 +308,7 @@ impl ShardCore {
             // Replaced by the recovered table before any connection is accepted.
             table: DeviceTable::new(shared.app_ids(), topts, now),
             sessions: Slab::new(),
+            due: Due::default(),
             apps: Slab::new(),
             wheel: TimerWheel::new(1024, TICK.as_millis() as u64, now),
             stats: ShardStats::default(),
@@ -304,6 +331,7 @@ impl ShardCore {
             state: RefCell::new(state),
             scratch: RefCell::new(vec![0; SCRATCH]),
             wbuf: RefCell::new(Vec::with_capacity(SCRATCH * 2)),
+            ring: RefCell::new(ring),
             requests,
             replies,
             draining: Cell::new(false),
@@ -331,18 +359,13 @@ impl ShardCore {
         let now_us = mono_us();
         let now_ms = self.now_ms();
         let st = &mut *self.state.borrow_mut();
-        let ShardState { table, sessions, append_lat, .. } = st;
-        // Waking only schedules the session task, so it can happen under the borrow.
-        let wake = |key: usize| {
-            if let Some(w) = sessions.get(key).and_then(|s| s.waker.as_ref()) {
-                w.wake_by_ref();
-            }
-        };
+        let ShardState { table, sessions, append_lat, due, .. } = st;
+        let mut wake = |key: usize| due.kick(sessions, key);
         let result = match &p.targets {
             Targets::App => {
                 let n = table.broadcast(p.app, p.push_id, p.expiry_ms, &p.payload, now_us);
                 if n.is_ok() {
-                    table.app_sessions(p.app).for_each(wake);
+                    table.app_sessions(p.app).for_each(&mut wake);
                 }
                 n
             }
@@ -352,7 +375,7 @@ impl ShardCore {
                     match table.enqueue_to(p.app, id, p.push_id, p.expiry_ms, &p.payload, now_ms, now_us) {
                         Ok(session) => {
                             ok += 1;
-                            session.into_iter().for_each(wake);
+                            session.into_iter().for_each(&mut wake);
                         }
                         Err(e) => err = Some(e),
                     }
@@ -440,12 +463,11 @@ impl ShardCore {
         }
     }
 
+    /// Marks sessions due for the session driver.
     pub fn wake_sessions(&self, keys: &[usize]) {
-        let st = self.state.borrow();
+        let st = &mut *self.state.borrow_mut();
         for &k in keys {
-            if let Some(w) = st.sessions.get(k).and_then(|s| s.waker.as_ref()) {
-                w.wake_by_ref();
-            }
+            st.due.kick(&mut st.sessions, k);
         }
     }
 
@@ -453,10 +475,7 @@ impl ShardCore {
     pub fn handle_request(self: &Rc<Self>, req: Request) {
         match req {
             Request::HandOff { fd, app, device, last_acked, cursor, leftover } => {
-                use std::os::fd::{FromRawFd, IntoRawFd};
-                // SAFETY: the accepting shard sent us a descriptor it no longer uses.
-                let stream = unsafe { glommio::net::TcpStream::from_raw_fd(fd.into_raw_fd()) };
-                crate::session::attach(self, stream, app, &device, (last_acked, cursor), &leftover);
+                crate::session::attach(self, fd, app, &device, (last_acked, cursor), &leftover);
             }
             Request::Push(p) => {
                 let result = self.apply_push(&p);

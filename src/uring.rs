@@ -1,0 +1,308 @@
+//! The shard's own io_uring for device sockets.
+//!
+//! Device sessions are not glommio tasks: each is a raw socket in the owner shard's
+//! slab, driven by one ring per shard (the `io-uring` crate) that the shard's session
+//! driver (`session::drive`) works in rounds:
+//!
+//! - **Receive**: one multishot `RECV` per socket, armed once at attach, takes a buffer
+//!   from the shard's provided-buffer ring only when bytes arrive. An idle session holds
+//!   no buffer, no task and no poll source of its own; the kernel re-arms the receive.
+//! - **Send**: a round encodes every due session's frames into one shard arena and
+//!   submits one `SEND` per session (`MSG_DONTWAIT`, so none waits in the kernel) with a
+//!   single `io_uring_enter`, instead of one `send` syscall per session.
+//! - **Writable**: a one-shot `POLL_ADD` for `POLLOUT`, armed only while a socket
+//!   refuses bytes.
+//!
+//! The ring posts completions to an eventfd; a glommio task reads that eventfd through
+//! glommio's own ring and wakes the driver, so the shard sleeps in one place.
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use memmap2::{MmapMut, MmapOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+
+/// The provided-buffer group of the receive buffers.
+const BUF_GROUP: u16 = 1;
+/// Receive buffers per shard. Device traffic is acks and pings (tens of bytes); when
+/// all are in use a socket's receive ends with `ENOBUFS` and is re-armed next round.
+const BUF_COUNT: u16 = 1024;
+/// Bytes per receive buffer.
+pub const BUF_SIZE: usize = 1024;
+/// Submission queue entries (the completion queue is four times larger).
+const SQ_ENTRIES: u32 = 4096;
+
+/// What a completion is for (the top byte of its user data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Recv = 1,
+    Writable = 2,
+    Send = 3,
+    Cancel = 4,
+}
+
+/// One completion, decoded.
+#[derive(Clone, Copy, Debug)]
+pub struct Completion {
+    pub op: Op,
+    /// Session slab key.
+    pub key: usize,
+    /// Low 24 bits of the session's generation.
+    pub gen: u32,
+    pub res: i32,
+    pub flags: u32,
+}
+
+impl Completion {
+    /// The receive buffer this completion filled, if any.
+    pub fn buffer(&self) -> Option<u16> {
+        cqueue::buffer_select(self.flags)
+    }
+
+    /// Whether the (multishot) request stays armed.
+    pub fn more(&self) -> bool {
+        cqueue::more(self.flags)
+    }
+}
+
+/// Packs an op, a session key and its generation into user data.
+pub fn user_data(op: Op, key: usize, gen: u32) -> u64 {
+    (op as u64) << 56 | (gen as u64 & 0xff_ffff) << 32 | (key as u64 & 0xffff_ffff)
+}
+
+/// The low 24 bits of a generation, as completions carry it.
+pub fn gen24(gen: u32) -> u32 {
+    gen & 0xff_ffff
+}
+
+fn decode(ud: u64, res: i32, flags: u32) -> Option<Completion> {
+    let op = match ud >> 56 {
+        1 => Op::Recv,
+        2 => Op::Writable,
+        3 => Op::Send,
+        4 => Op::Cancel,
+        _ => return None,
+    };
+    Some(Completion { op, key: (ud & 0xffff_ffff) as usize, gen: (ud >> 32) as u32 & 0xff_ffff, res, flags })
+}
+
+/// A shard's device-socket ring with its receive buffers.
+pub struct SessionRing {
+    ring: IoUring,
+    /// The provided-buffer ring (`BUF_COUNT` entries the kernel takes buffers from).
+    entries: MmapMut,
+    /// The receive buffers themselves, `BUF_SIZE` each.
+    bufs: MmapMut,
+    /// Our tail of the buffer ring (published to the kernel by [`Self::publish`]).
+    tail: u16,
+    event: OwnedFd,
+}
+
+impl SessionRing {
+    /// Sets up the ring, registers the receive buffers and the eventfd. Fails with the
+    /// kernel's reason when io_uring or a needed feature (provided-buffer rings, Linux
+    /// 5.19; multishot receive, Linux 6.0) is missing.
+    pub fn new() -> io::Result<Self> {
+        let ring = IoUring::builder().setup_cqsize(SQ_ENTRIES * 4).setup_coop_taskrun().build(SQ_ENTRIES)?;
+        let entries_len = BUF_COUNT as usize * std::mem::size_of::<types::BufRingEntry>();
+        // Anonymous mappings are page-aligned, as the kernel requires; populated so the
+        // fixed cost shows at start rather than as per-session growth.
+        let entries = MmapOptions::new().len(entries_len).populate().map_anon()?;
+        let bufs = MmapOptions::new().len(BUF_COUNT as usize * BUF_SIZE).populate().map_anon()?;
+        // SAFETY: plain syscall; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: efd is a fresh descriptor we own.
+        let event = unsafe { OwnedFd::from_raw_fd(efd) };
+        let mut r = SessionRing { ring, entries, bufs, tail: 0, event };
+        // SAFETY: the entries mapping is page-aligned, BUF_COUNT entries long, and lives
+        // as long as the ring (both are dropped together; the ring first).
+        unsafe {
+            r.ring.submitter().register_buf_ring_with_flags(r.entries.as_ptr() as u64, BUF_COUNT, BUF_GROUP, 0)?;
+        }
+        r.ring.submitter().register_eventfd(efd)?;
+        for bid in 0..BUF_COUNT {
+            r.recycle(bid);
+        }
+        r.publish();
+        Ok(r)
+    }
+
+    /// The eventfd the ring signals when it posts completions.
+    pub fn eventfd(&self) -> RawFd {
+        self.event.as_raw_fd()
+    }
+
+    /// Queues one submission, submitting first if the queue is full.
+    ///
+    /// # Safety
+    /// Any buffer the entry points at must stay valid until its completion.
+    unsafe fn push(&mut self, e: &squeue::Entry) {
+        loop {
+            // SAFETY: passed on to the caller.
+            if unsafe { self.ring.submission().push(e) }.is_ok() {
+                return;
+            }
+            if let Err(err) = self.ring.submit() {
+                tracing::error!("io_uring submit failed: {err}");
+            }
+        }
+    }
+
+    /// Arms the multishot receive of a session's socket.
+    pub fn arm_recv(&mut self, fd: RawFd, key: usize, gen: u32) {
+        let e = opcode::RecvMulti::new(types::Fd(fd), BUF_GROUP).build().user_data(user_data(Op::Recv, key, gen));
+        // SAFETY: the buffers come from the provided ring, which outlives the ring.
+        unsafe { self.push(&e) }
+    }
+
+    /// Arms a one-shot wait for the socket to accept bytes again.
+    pub fn arm_writable(&mut self, fd: RawFd, key: usize, gen: u32) {
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
+            .build()
+            .user_data(user_data(Op::Writable, key, gen));
+        // SAFETY: no buffer.
+        unsafe { self.push(&e) }
+    }
+
+    /// Queues a non-blocking send of `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must stay valid and unchanged until the send's completion is
+    /// reaped.
+    pub unsafe fn send(&mut self, fd: RawFd, ptr: *const u8, len: usize, key: usize, gen: u32) {
+        let e = opcode::Send::new(types::Fd(fd), ptr, len as u32)
+            .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(user_data(Op::Send, key, gen));
+        // SAFETY: passed on to the caller.
+        unsafe { self.push(&e) }
+    }
+
+    /// Cancels everything pending on a socket (before its descriptor is closed or
+    /// handed to a glommio stream for a lingering close).
+    pub fn cancel(&mut self, fd: RawFd) {
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+            .build()
+            .user_data(user_data(Op::Cancel, 0, 0));
+        // SAFETY: no buffer.
+        unsafe { self.push(&e) }
+    }
+
+    /// Submits what is queued.
+    pub fn submit(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            tracing::error!("io_uring submit failed: {e}");
+        }
+    }
+
+    /// Submits what is queued and waits for at least `n` completions.
+    pub fn submit_and_wait(&mut self, n: usize) {
+        if let Err(e) = self.ring.submit_and_wait(n) {
+            if e.raw_os_error() != Some(libc::EINTR) {
+                tracing::error!("io_uring submit failed: {e}");
+            }
+        }
+    }
+
+    /// Whether completions wait to be reaped.
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
+    /// Moves every posted completion into `out`.
+    pub fn drain(&mut self, out: &mut Vec<Completion>) {
+        let cq = self.ring.completion();
+        out.extend(cq.filter_map(|c| decode(c.user_data(), c.result(), c.flags())));
+    }
+
+    /// The first `len` bytes of receive buffer `bid`.
+    pub fn buffer(&self, bid: u16, len: usize) -> &[u8] {
+        let at = bid as usize * BUF_SIZE;
+        &self.bufs[at..at + len.min(BUF_SIZE)]
+    }
+
+    /// Gives buffer `bid` back to the kernel (visible after [`Self::publish`]).
+    pub fn recycle(&mut self, bid: u16) {
+        let base = self.entries.as_mut_ptr() as *mut types::BufRingEntry;
+        let slot = (self.tail & (BUF_COUNT - 1)) as usize;
+        // SAFETY: slot < BUF_COUNT, inside the entries mapping.
+        let e = unsafe { &mut *base.add(slot) };
+        e.set_addr(self.bufs.as_ptr() as u64 + (bid as usize * BUF_SIZE) as u64);
+        e.set_len(BUF_SIZE as u32);
+        e.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Publishes recycled buffers to the kernel.
+    pub fn publish(&mut self) {
+        let base = self.entries.as_ptr() as *const types::BufRingEntry;
+        // SAFETY: the tail field of the first entry, which the kernel reads atomically.
+        let tail = unsafe { &*(types::BufRingEntry::tail(base) as *const AtomicU16) };
+        tail.store(self.tail, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn user_data_round_trips() {
+        let c = decode(user_data(Op::Send, 123_456, 0x1234_5678), 7, 0).unwrap();
+        assert_eq!((c.op, c.key, c.gen, c.res), (Op::Send, 123_456, gen24(0x1234_5678), 7));
+        assert!(decode(0, 0, 0).is_none());
+    }
+
+    #[test]
+    fn multishot_receive_and_batched_send() {
+        let mut ring = SessionRing::new().expect("io_uring with provided-buffer rings");
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let fd = b.as_raw_fd();
+        ring.arm_recv(fd, 5, 9);
+        ring.submit();
+        let mut got = Vec::new();
+        for chunk in [&b"hello"[..], b"world!"] {
+            a.write_all(chunk).unwrap();
+            let mut cs = Vec::new();
+            while cs.is_empty() {
+                ring.submit_and_wait(1);
+                ring.drain(&mut cs);
+            }
+            let c = cs[0];
+            assert_eq!((c.op, c.key, c.gen), (Op::Recv, 5, 9));
+            assert!(c.more(), "the receive stays armed");
+            let bid = c.buffer().expect("a provided buffer");
+            got.extend_from_slice(ring.buffer(bid, c.res as usize));
+            ring.recycle(bid);
+            ring.publish();
+        }
+        assert_eq!(got, b"helloworld!");
+
+        let out = b"frames".to_vec();
+        // SAFETY: `out` lives until the completion is reaped below.
+        unsafe { ring.send(fd, out.as_ptr(), out.len(), 5, 9) };
+        let mut cs = Vec::new();
+        while !cs.iter().any(|c: &Completion| c.op == Op::Send) {
+            ring.submit_and_wait(1);
+            ring.drain(&mut cs);
+        }
+        assert_eq!(cs.iter().find(|c| c.op == Op::Send).unwrap().res, 6);
+        let mut buf = [0u8; 6];
+        a.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"frames");
+
+        // Closing the peer ends the multishot receive with 0 (end of stream).
+        drop(a);
+        let mut cs = Vec::new();
+        while !cs.iter().any(|c: &Completion| c.op == Op::Recv && !c.more()) {
+            ring.submit_and_wait(1);
+            ring.drain(&mut cs);
+        }
+        assert_eq!(cs.iter().find(|c| !c.more()).unwrap().res, 0);
+    }
+}
