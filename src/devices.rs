@@ -294,7 +294,7 @@ impl TableStats {
 }
 
 /// One broadcast in an app's log.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct BEntry {
     bseq: u64,
     push_id: u64,
@@ -305,6 +305,9 @@ struct BEntry {
     remaining: u64,
     /// Released (all acked, or expired): never sent again.
     live: bool,
+    /// The MESSAGE frame, the same bytes for every device (its seq is the broadcast
+    /// seq): encoded from the store once, on first send, and dropped on release.
+    frame: Option<Box<[u8]>>,
 }
 
 #[derive(Default)]
@@ -443,6 +446,7 @@ impl DeviceTable {
                         loc,
                         remaining: 0,
                         live: true,
+                        frame: None,
                     }),
                     None => orphans += 1,
                 },
@@ -1033,7 +1037,16 @@ impl DeviceTable {
         self.store_ok();
         let log = &mut self.logs[app as usize];
         log.next_bseq += 1;
-        log.entries.push_back(BEntry { bseq, push_id, expiry_ms, enqueued_us: now_us, loc, remaining: n, live: true });
+        log.entries.push_back(BEntry {
+            bseq,
+            push_id,
+            expiry_ms,
+            enqueued_us: now_us,
+            loc,
+            remaining: n,
+            live: true,
+            frame: None,
+        });
         self.stats.broadcasts += 1;
         Ok(n)
     }
@@ -1103,6 +1116,7 @@ impl DeviceTable {
                 });
                 if e.remaining == 0 {
                     e.live = false;
+                    e.frame = None;
                     self.store.release(e.loc);
                 }
             }
@@ -1190,28 +1204,33 @@ impl DeviceTable {
                 written += 1;
             }
             // Broadcasts, in their own window.
-            let log = &logs[d.app as usize];
+            let log = &mut logs[d.app as usize];
             let acked_at = log.entries.partition_point(|e| e.bseq <= d.cursor);
             let mut j = log.entries.partition_point(|e| e.bseq <= d.bsent);
             while j < log.entries.len() && j - acked_at < window && out.len() < max_bytes {
-                let e = &log.entries[j];
+                let e = &mut log.entries[j];
                 j += 1;
                 d.bsent = e.bseq;
                 if !e.live || e.expiry_ms <= now_ms {
                     continue;
                 }
-                let Some(Record::Broadcast(r)) = store.get(e.loc) else {
-                    tracing::error!(bseq = e.bseq, "a stored broadcast failed its checksum; it is skipped");
-                    continue;
-                };
-                let msg = Message {
-                    flags: FLAG_BROADCAST,
-                    seq: e.bseq,
-                    push_id: e.push_id,
-                    expiry_ms: e.expiry_ms,
-                    payload: r.payload,
-                };
-                encode_message(out, &msg);
+                if e.frame.is_none() {
+                    let Some(Record::Broadcast(r)) = store.get(e.loc) else {
+                        tracing::error!(bseq = e.bseq, "a stored broadcast failed its checksum; it is skipped");
+                        continue;
+                    };
+                    let msg = Message {
+                        flags: FLAG_BROADCAST,
+                        seq: e.bseq,
+                        push_id: e.push_id,
+                        expiry_ms: e.expiry_ms,
+                        payload: r.payload,
+                    };
+                    let mut frame = Vec::new();
+                    encode_message(&mut frame, &msg);
+                    e.frame = Some(frame.into_boxed_slice());
+                }
+                out.extend_from_slice(e.frame.as_deref().unwrap_or_default());
                 write_lat.record(now_us.saturating_sub(e.enqueued_us));
                 written += 1;
             }
@@ -1284,6 +1303,7 @@ impl DeviceTable {
             let log = &mut self.logs[app];
             for e in log.entries.iter_mut().filter(|e| e.live && e.expiry_ms <= now_ms) {
                 e.live = false;
+                e.frame = None;
                 self.store.release(e.loc);
                 self.stats.expired += e.remaining;
                 let n = e.remaining;
@@ -1366,14 +1386,17 @@ impl DeviceTable {
                     }
                 }
                 Some(Live::Broadcast(a, i)) => {
-                    let e = self.logs[a as usize].entries[i];
+                    let (bseq, push_id, expiry_ms) = {
+                        let e = &self.logs[a as usize].entries[i];
+                        (e.bseq, e.push_id, e.expiry_ms)
+                    };
                     let Some(Record::Broadcast(r)) = self.store.get(l) else { continue };
                     let payload = r.payload.to_vec();
                     let rec = Record::Broadcast(BroadcastRec {
                         app: &self.apps[a as usize],
-                        bseq: e.bseq,
-                        push_id: e.push_id,
-                        expiry_ms: e.expiry_ms,
+                        bseq,
+                        push_id,
+                        expiry_ms,
                         payload: &payload,
                     });
                     if let Ok(nl) = self.store.append(&rec, &mut self.head) {

@@ -594,11 +594,18 @@ fn prepare(
 
 /// Removes session `key`: its device goes offline, its ring requests are cancelled,
 /// and its socket waits in `ends` until the cancellation is submitted.
-fn end(st: &mut ShardState, ring: &mut SessionRing, key: usize, graceful: bool, ends: &mut Vec<(OwnedFd, bool)>, now: u64) {
+fn end(
+    st: &mut ShardState,
+    ring: &mut SessionRing,
+    key: usize,
+    graceful: bool,
+    ends: &mut Vec<(OwnedFd, bool)>,
+    now: u64,
+) {
     let s = st.sessions.remove(key);
     st.table.detach(s.device, key, now);
     st.stats.sessions_closed += 1;
-    ring.cancel(s.fd.as_raw_fd());
+    ring.cancel(key, s.gen, s.writable_armed);
     ends.push((s.fd, graceful));
 }
 

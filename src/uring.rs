@@ -160,9 +160,11 @@ impl SessionRing {
 
     /// Arms a one-shot wait for the socket to accept bytes again.
     pub fn arm_writable(&mut self, fd: RawFd, key: usize, gen: u32) {
-        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
-            .build()
-            .user_data(user_data(Op::Writable, key, gen));
+        let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32).build().user_data(user_data(
+            Op::Writable,
+            key,
+            gen,
+        ));
         // SAFETY: no buffer.
         unsafe { self.push(&e) }
     }
@@ -181,14 +183,16 @@ impl SessionRing {
         unsafe { self.push(&e) }
     }
 
-    /// Cancels everything pending on a socket (before its descriptor is closed or
-    /// handed to a glommio stream for a lingering close).
-    pub fn cancel(&mut self, fd: RawFd) {
-        let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
-            .build()
-            .user_data(user_data(Op::Cancel, 0, 0));
-        // SAFETY: no buffer.
-        unsafe { self.push(&e) }
+    /// Cancels a session's receive and, if armed, its wait for POLLOUT (before its
+    /// descriptor closes or goes to a glommio stream for a lingering close). Cancelling
+    /// by user data finds the request by hash; by descriptor would scan every request.
+    pub fn cancel(&mut self, key: usize, gen: u32, writable_armed: bool) {
+        let ops: &[Op] = if writable_armed { &[Op::Recv, Op::Writable] } else { &[Op::Recv] };
+        for &op in ops {
+            let e = opcode::AsyncCancel::new(user_data(op, key, gen)).build().user_data(user_data(Op::Cancel, 0, 0));
+            // SAFETY: no buffer.
+            unsafe { self.push(&e) }
+        }
     }
 
     /// Submits what is queued.
