@@ -67,9 +67,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10_000)]
     pub devices: usize,
     /// Pushes to send (unicast: one device each; broadcast: to every device); with
-    /// --duration, the most to send.
-    #[arg(long, default_value_t = 100_000)]
-    pub messages: u64,
+    /// --duration, the most to send. Default: 20 for broadcast (20 x N deliveries),
+    /// 100000 otherwise.
+    #[arg(long)]
+    pub messages: Option<u64>,
     /// Stop issuing pushes after this long (e.g. 30s); in-flight ones still finish.
     #[arg(long, value_parser = crate::duration::parse)]
     pub duration: Option<Duration>,
@@ -430,9 +431,14 @@ impl Targets {
 }
 
 impl BenchArgs {
+    /// Pushes to send: --messages, or the scenario's default.
+    pub fn messages(&self) -> u64 {
+        self.messages.unwrap_or(if self.scenario == Scenario::Broadcast { 20 } else { 100_000 })
+    }
+
     /// Whether push number `issued` (0-based) may still be issued at `elapsed`.
     fn more(&self, issued: u64, elapsed: Duration) -> bool {
-        issued < self.messages && self.duration.is_none_or(|d| elapsed < d)
+        issued < self.messages() && self.duration.is_none_or(|d| elapsed < d)
     }
 }
 
@@ -475,11 +481,11 @@ async fn push_peer(args: &BenchArgs, system: System, addr: SocketAddr) -> Result
     let mut payload = vec![0x2au8; args.payload.max(8)];
     let (mut sent, mut answered) = (0u64, 0u64);
     let mut side = PushSide::default();
-    let mut progress = Progress::new(system.name(), args.messages);
+    let mut progress = Progress::new(system.name(), args.messages());
     let start = Instant::now();
     while args.more(sent, start.elapsed()) {
         pace(start, sent, args.rate).await;
-        let batch = (args.messages - sent).min(256);
+        let batch = (args.messages() - sent).min(256);
         for _ in 0..batch {
             let target = targets.next();
             side.count(target);
@@ -530,7 +536,7 @@ async fn push_ringpush(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSid
     let names: Vec<String> = (0..args.devices).map(|i| format!("d{i}")).collect();
     let mut payload = vec![0x2au8; args.payload.max(8)];
     let mut out = PushSide::default();
-    let mut progress = Progress::new("ringpush", args.messages);
+    let mut progress = Progress::new("ringpush", args.messages());
     let mut inflight: HashMap<u64, Option<usize>> = HashMap::new();
     let mut retry: Vec<Option<usize>> = Vec::new();
     let mut queued = 0u64;
@@ -736,7 +742,7 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
             let started = Instant::now();
             let mut side = PushSide::default();
             let sent = raw.send(
-                args.messages,
+                args.messages(),
                 args.duration.map(|d| started + d),
                 args.payload.max(8),
                 || {

@@ -107,6 +107,9 @@ impl Host for RealHost {
         let ring = io_uring::IoUring::new(8).map_err(|e| format!("io_uring_setup failed: {e}"))?;
         let mut probe = io_uring::Probe::new();
         ring.submitter().register_probe(&mut probe).map_err(|e| format!("io_uring probe failed: {e}"))?;
+        // The device ring as the shards set it up: multishot receive into a
+        // provided-buffer ring, registered eventfd.
+        crate::uring::SessionRing::new().map_err(|e| format!("device ring setup failed: {e}"))?;
         Ok(OPCODES.iter().filter(|(_, code)| !probe.is_supported(*code)).map(|(n, _)| *n).collect())
     }
 
@@ -277,7 +280,7 @@ pub fn run_checks(host: &dyn Host, plan: &Plan) -> Vec<Check> {
             "available",
             e,
             Status::Fail,
-            "use Linux 5.8+ with io_uring enabled (kernel.io_uring_disabled = 0; seccomp must allow it)",
+            "use Linux 6.0+ with io_uring enabled (kernel.io_uring_disabled = 0; seccomp must allow it)",
         ),
         Ok(missing) if missing.is_empty() => check(
             "io_uring opcodes",
@@ -291,7 +294,7 @@ pub fn run_checks(host: &dyn Host, plan: &Plan) -> Vec<Check> {
             "all needed opcodes",
             format!("missing {}", missing.join(" ")),
             Status::Fail,
-            "upgrade the kernel (5.8+; 6.0+ recommended)",
+            "upgrade the kernel (6.0+)",
         ),
     });
 
@@ -300,19 +303,12 @@ pub fn run_checks(host: &dyn Host, plan: &Plan) -> Vec<Check> {
     let version: Vec<u32> = release.split(['.', '-']).take(2).filter_map(|p| p.parse().ok()).collect();
     out.push(match version.as_slice() {
         [maj, min] if (*maj, *min) >= (6, 0) => check("kernel version", "6.0 or newer", release, Status::Ok, ""),
-        [maj, min] if (*maj, *min) >= (5, 8) => check(
-            "kernel version",
-            "6.0 or newer",
-            release,
-            Status::Warn,
-            "6.0+ adds multishot receive and provided-buffer rings",
-        ),
         _ => check(
             "kernel version",
             "6.0 or newer",
             if release.is_empty() { "unknown" } else { release },
             Status::Fail,
-            "glommio needs Linux 5.8 or newer",
+            "device sessions need multishot receive and provided-buffer rings (Linux 6.0+)",
         ),
     });
 
@@ -570,7 +566,7 @@ mod tests {
         f.uring = Ok(vec!["PROVIDE_BUFFERS"]);
         assert_eq!(f.status_of("io_uring opcodes"), (Status::Fail, "missing PROVIDE_BUFFERS".into()));
         f.put("proc/sys/kernel/osrelease", "5.10.0\n");
-        assert_eq!(f.status_of("kernel version").0, Status::Warn);
+        assert_eq!(f.status_of("kernel version").0, Status::Fail);
         f.put("proc/sys/kernel/osrelease", "4.19.0\n");
         assert_eq!(f.status_of("kernel version").0, Status::Fail);
     }

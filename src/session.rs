@@ -495,15 +495,14 @@ fn round(core: &Rc<ShardCore>, sc: &mut DriverScratch) {
         let st = &mut *core.state.borrow_mut();
         std::mem::swap(&mut sc.keys, &mut st.due.keys);
         let mut ring = core.ring.borrow_mut();
-        let mut served = 0;
         for i in 0..sc.keys.len() {
-            if served >= ROUND_SESSIONS || arena.len() >= ROUND_BYTES {
+            if i >= ROUND_SESSIONS || arena.len() >= ROUND_BYTES {
                 // Still marked due: they go first next round.
                 st.due.keys.extend_from_slice(&sc.keys[i..]);
                 break;
             }
-            served += 1;
-            prepare(st, &mut ring, sc.keys[i], now, &mut arena, sc);
+            let key = sc.keys[i];
+            prepare(st, &mut ring, key, now, &mut arena, sc);
         }
         sc.keys.clear();
         for (i, q) in sc.queued.iter().enumerate() {

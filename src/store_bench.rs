@@ -111,7 +111,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     if let Some(dir) = &args.recover_only {
         return recover_only(dir, args.cache_msgs, now);
     }
-    let n = args.messages;
+    let n = args.messages();
     let devices = args.devices.max(1);
     let payload = vec![0x5au8; args.payload];
     let base = match &args.data_dir {

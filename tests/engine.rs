@@ -348,6 +348,54 @@ fn a_slow_device_does_not_stall_others_and_is_disconnected() {
 }
 
 #[test]
+fn a_device_that_stops_reading_gets_everything_in_order_when_it_resumes() {
+    // 300 x 60 KB is far more than the loopback socket buffers hold: the server's sends
+    // come back short, the session waits for the socket to become writable, and must
+    // resume exactly where the socket stopped taking bytes.
+    let srv = Server::start(
+        1,
+        "slow_device_timeout = \"30s\"\nwindow = 4096\nmax_queued_per_device = 8192\nmax_queued_bytes_per_device = 1073741824",
+    );
+    let addr = srv.device;
+    let mut dev = std::net::TcpStream::connect(addr).unwrap();
+    dev.write_all(&hello_bytes(APP, "paused", token_for("paused", 3600).0)).unwrap();
+    run(|| async {
+        let mut app = srv.app().await;
+        for i in 0..300u32 {
+            let mut payload = vec![(i % 251) as u8; 60_000];
+            payload[..4].copy_from_slice(&i.to_be_bytes());
+            accepted(app.push(PushTarget::Device("paused"), 0, &payload).await.unwrap());
+        }
+        glommio::timer::sleep(Duration::from_millis(300)).await;
+    });
+    // Now read everything: preamble, WELCOME, then 300 MESSAGEs in order, intact.
+    dev.set_read_timeout(Some(T)).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let limits = Limits { max_frame: 1 << 20, max_targets: 0 };
+    let mut pos = ringpush::protocol::PREAMBLE_LEN;
+    let mut next = 0u32;
+    while next < 300 {
+        let n = dev.read(&mut chunk).expect("the server kept the session while the device paused");
+        assert!(n > 0, "connection closed after {next} messages");
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some((frame, used)) = DeviceFrame::decode(&buf[pos.min(buf.len())..], &limits).unwrap() {
+            pos += used;
+            match frame {
+                DeviceFrame::Welcome(_) => {}
+                DeviceFrame::Message(m) => {
+                    assert_eq!(m.seq, next as u64 + 1);
+                    assert_eq!(m.payload[..4], next.to_be_bytes());
+                    assert!(m.payload[4..].iter().all(|&b| b == (next % 251) as u8), "message {next} corrupted");
+                    next += 1;
+                }
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
 fn idle_devices_are_closed_after_two_heartbeats_and_pings_keep_them() {
     let srv = Server::start(1, "heartbeat = \"300ms\"");
     run(|| async {
