@@ -309,4 +309,47 @@ mod tests {
         }
         assert_eq!(cs.iter().find(|c| !c.more()).unwrap().res, 0);
     }
+
+    #[test]
+    fn receive_ends_with_enobufs_when_every_buffer_is_taken_and_rearms() {
+        // What the session driver relies on: with all buffers held, the multishot
+        // receive ends with ENOBUFS (no data lost: it stays in the socket), and a
+        // receive armed again after buffers are returned reads the rest.
+        let mut ring = SessionRing::new().unwrap();
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let total = (BUF_COUNT as usize + 100) * BUF_SIZE;
+        let writer = std::thread::spawn(move || {
+            let data: Vec<u8> = (0..total).map(|i| (i % 253) as u8).collect();
+            a.write_all(&data).unwrap();
+            a
+        });
+        ring.arm_recv(b.as_raw_fd(), 1, 1);
+        ring.submit();
+        let mut got = Vec::with_capacity(total);
+        let mut held = Vec::new();
+        let mut ended_enobufs = false;
+        while got.len() < total {
+            let mut cs = Vec::new();
+            ring.submit_and_wait(1);
+            ring.drain(&mut cs);
+            for c in cs {
+                if let Some(bid) = c.buffer() {
+                    got.extend_from_slice(ring.buffer(bid, c.res as usize));
+                    held.push(bid);
+                }
+                if !c.more() {
+                    assert_eq!(c.res, -libc::ENOBUFS, "the receive ended for another reason");
+                    ended_enobufs = true;
+                    for bid in held.drain(..) {
+                        ring.recycle(bid);
+                    }
+                    ring.publish();
+                    ring.arm_recv(b.as_raw_fd(), 1, 1);
+                }
+            }
+        }
+        assert!(ended_enobufs, "{total} bytes fit in the buffers without running out");
+        assert!(got.iter().enumerate().all(|(i, &v)| v == (i % 253) as u8), "bytes lost or reordered");
+        drop(writer.join().unwrap());
+    }
 }
