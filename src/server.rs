@@ -354,10 +354,10 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
     glommio::spawn_local(Rc::clone(&core).flusher()).detach();
     glommio::spawn_local(crate::session::drive(Rc::clone(&core))).detach();
 
-    // SAFETY: the fds are listening sockets created for this shard and owned by it.
-    let device_listener = unsafe { TcpListener::from_raw_fd(boot.device_fd.into_raw_fd()) };
+    // Devices are accepted through the device ring (multishot accept).
+    core.start_accepting(boot.device_fd);
+    // SAFETY: the fd is a listening socket created for this shard and owned by it.
     let app_listener = unsafe { TcpListener::from_raw_fd(boot.app_fd.into_raw_fd()) };
-    let device_accept = accept_loop(Rc::clone(&core), device_listener, "device", crate::session::handshake);
     let app_accept = accept_loop(Rc::clone(&core), app_listener, "app", crate::ingress::handshake);
     let _ = ready.send(id);
     drop(ready);
@@ -369,7 +369,6 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
         core.tick();
         if deadline.is_none() && core.shutdown_requested() {
             tracing::info!(shard = id, "shutting down: closing listeners, saying BYE to devices");
-            device_accept.cancel();
             app_accept.cancel();
             if let Some(h) = &http {
                 h.cancel();

@@ -140,6 +140,28 @@ pub(crate) fn find_app(core: &ShardCore, app_id: &str) -> Result<u16, HandshakeE
     core.shared.app_index.get(app_id).copied().ok_or(HandshakeError::new(ErrorCode::UNKNOWN_APP, "unknown app"))
 }
 
+/// Decodes the preamble and the first frame from the bytes a connection sent so far.
+/// Returns the frame's value and the bytes both used, or `None` if more are needed.
+pub(crate) fn parse_handshake<T>(
+    buf: &[u8],
+    role: Role,
+    first: impl Fn(&[u8]) -> Result<Option<(T, usize)>, HandshakeError>,
+) -> Result<Option<(T, usize)>, HandshakeError> {
+    let bad = |e: DecodeError| HandshakeError { code: e.code, what: e.what, preamble_ok: false };
+    let Some(p) = Preamble::decode(buf).map_err(bad)? else {
+        return Ok(None);
+    };
+    if p.role != role {
+        return Err(HandshakeError {
+            code: ErrorCode::BAD_MAGIC,
+            what: "wrong role for this port",
+            preamble_ok: false,
+        });
+    }
+    p.negotiate().map_err(bad)?;
+    Ok(first(&buf[PREAMBLE_LEN..])?.map(|(v, used)| (v, PREAMBLE_LEN + used)))
+}
+
 async fn read_handshake_untimed<T>(
     stream: &mut TcpStream,
     role: Role,
@@ -148,27 +170,10 @@ async fn read_handshake_untimed<T>(
 ) -> Result<(T, Vec<u8>), HandshakeError> {
     use futures_lite::AsyncReadExt;
     let mut buf: Vec<u8> = Vec::with_capacity(256);
-    let mut preamble = false;
     let cap = PREAMBLE_LEN + 5 + max_frame as usize;
     loop {
-        if !preamble {
-            let bad = |e: DecodeError| HandshakeError { code: e.code, what: e.what, preamble_ok: false };
-            if let Some(p) = Preamble::decode(&buf).map_err(bad)? {
-                if p.role != role {
-                    return Err(HandshakeError {
-                        code: ErrorCode::BAD_MAGIC,
-                        what: "wrong role for this port",
-                        preamble_ok: false,
-                    });
-                }
-                p.negotiate().map_err(bad)?;
-                preamble = true;
-            }
-        }
-        if preamble {
-            if let Some((v, used)) = first(&buf[PREAMBLE_LEN..])? {
-                return Ok((v, buf.split_off(PREAMBLE_LEN + used)));
-            }
+        if let Some((v, used)) = parse_handshake(&buf, role, &first)? {
+            return Ok((v, buf.split_off(used)));
         }
         let start = buf.len();
         let want = (start + 512).min(cap.max(start + 1));
@@ -223,13 +228,55 @@ struct HelloOk {
     cursor: u64,
 }
 
-/// Serves a freshly accepted device connection until its HELLO is verified, then
-/// attaches it here or hands it to its owner shard.
-pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
-    let started_us = mono_us();
-    core.state.borrow_mut().stats.device_accepted += 1;
-    let c = Rc::clone(&core);
+/// Where a device connection's handshake stands.
+enum HelloState {
+    /// Waiting for the preamble and HELLO.
+    Reading,
+    /// HELLO verified (and the bytes it used): waiting for the receive to be cancelled
+    /// before the socket moves to a session, here or on its owner shard.
+    Verified(HelloOk, usize),
+    /// Refused: waiting for the receive to be cancelled before the ERROR goes out.
+    Failed(HandshakeError),
+}
+
+/// A device connection between accept and a verified HELLO, in the shard's handshake
+/// slab. Its bytes arrive through the device ring like a session's.
+pub struct Pending {
+    fd: OwnedFd,
+    gen: u32,
+    /// What the connection sent so far (preamble, HELLO, and whatever followed).
+    buf: Vec<u8>,
+    started_us: u64,
+    /// Unix ms after which the handshake is refused as timed out.
+    deadline_ms: u64,
+    state: HelloState,
+}
+
+/// A connection the device listener accepted: its handshake starts on the ring.
+fn accepted(core: &ShardCore, fd: OwnedFd) {
+    let st = &mut *core.state.borrow_mut();
+    st.stats.device_accepted += 1;
+    let gen = st.gen();
+    let deadline_ms = core.now_ms() + core.cfg().handshake_timeout.as_millis() as u64;
+    let raw = fd.as_raw_fd();
+    let pending = Pending { fd, gen, buf: Vec::new(), started_us: mono_us(), deadline_ms, state: HelloState::Reading };
+    let key = st.handshakes.insert(pending);
+    core.ring.borrow_mut().arm_recv(Op::Hello, raw, key, gen);
+}
+
+/// Bytes from a connection in its handshake: verify the preamble and HELLO once they
+/// are complete. Returns `true` when the handshake is decided and its receive must be
+/// cancelled (the session arms its own).
+fn on_hello_bytes(core: &ShardCore, key: usize, data: &[u8]) -> bool {
     let limits = Limits { max_frame: core.cfg().max_device_frame, max_targets: 0 };
+    let cap = PREAMBLE_LEN + 5 + limits.max_frame as usize;
+    let now_secs = core.now_ms() / 1000;
+    let st = &mut *core.state.borrow_mut();
+    let p = &mut st.handshakes[key];
+    p.buf.extend_from_slice(data);
+    if !matches!(p.state, HelloState::Reading) {
+        return false; // bytes after HELLO: they go to the session
+    }
     let verify = |bytes: &[u8]| -> Result<Option<(HelloOk, usize)>, HandshakeError> {
         let Some((frame, used)) = DeviceFrame::decode(bytes, &limits)? else {
             return Ok(None);
@@ -237,54 +284,87 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
         let DeviceFrame::Hello(h) = frame else {
             return Err(HandshakeError::new(ErrorCode::UNEXPECTED_FRAME, "first frame must be HELLO"));
         };
-        let app = find_app(&c, h.app_id)?;
-        let now_secs = c.now_ms() / 1000;
-        DeviceToken(h.token).verify(c.shared.secret(app), h.app_id, h.device_id, now_secs)?;
+        let app = find_app(core, h.app_id)?;
+        DeviceToken(h.token).verify(core.shared.secret(app), h.app_id, h.device_id, now_secs)?;
         let device = h.device_id.to_string();
         Ok(Some((HelloOk { app, device, last_acked: h.last_acked_seq, cursor: h.broadcast_cursor }, used)))
     };
-    let res = read_handshake(&core, &mut stream, Role::Device, limits.max_frame, verify).await;
-    let (hello, leftover) = match res {
-        Ok(v) => v,
-        Err(e) => {
+    p.state = match parse_handshake(&p.buf, Role::Device, verify) {
+        Ok(None) if p.buf.len() <= cap => return false,
+        Ok(None) => HelloState::Failed(HandshakeError::new(ErrorCode::OVERSIZE, "handshake too large")),
+        Ok(Some((hello, used))) => HelloState::Verified(hello, used),
+        Err(e) => HelloState::Failed(e),
+    };
+    true
+}
+
+/// Refuses handshakes that outlived `handshake_timeout` (from the shard's ticker).
+pub(crate) fn expire_handshakes(core: &ShardCore, now_ms: u64) {
+    let st = &mut *core.state.borrow_mut();
+    let mut ring = core.ring.borrow_mut();
+    let mut any = false;
+    for (key, p) in st.handshakes.iter_mut() {
+        if matches!(p.state, HelloState::Reading) && p.deadline_ms <= now_ms {
+            p.state = HelloState::Failed(HandshakeError::new(ErrorCode::BAD_FRAME, "handshake timed out"));
+            ring.cancel_op(Op::Hello, key, p.gen);
+            any = true;
+        }
+    }
+    if any {
+        ring.submit();
+    }
+}
+
+/// The handshake's receive ended (cancelled after HELLO, refused, or the connection
+/// broke): attach the session here, hand it to its owner shard, or refuse it.
+fn finish_handshake(core: &Rc<ShardCore>, key: usize, res: i32) {
+    let p = {
+        let st = &mut *core.state.borrow_mut();
+        if matches!(st.handshakes[key].state, HelloState::Reading) && res == -libc::ENOBUFS {
+            let p = &st.handshakes[key];
+            core.ring.borrow_mut().arm_recv(Op::Hello, p.fd.as_raw_fd(), key, p.gen);
+            return;
+        }
+        st.handshakes.remove(key)
+    };
+    let (hello, used) = match p.state {
+        // Closed (or broken) before HELLO: nobody to answer.
+        HelloState::Reading => {
+            core.state.borrow_mut().stats.handshakes_failed += 1;
+            return;
+        }
+        HelloState::Failed(e) => {
             core.state.borrow_mut().stats.handshakes_failed += 1;
             tracing::info!(shard = core.id, code = %e.code, "device handshake failed: {}", e.what);
-            return reject(stream, Role::Device, e).await;
+            glommio::spawn_local(reject(stream_of(p.fd), Role::Device, e)).detach();
+            return;
         }
+        HelloState::Verified(hello, used) => (hello, used),
     };
     {
         let st = &mut *core.state.borrow_mut();
         st.stats.handshakes_ok += 1;
-        st.handshake_lat.record(mono_us() - started_us);
+        st.handshake_lat.record(mono_us() - p.started_us);
     }
+    let leftover = &p.buf[used..];
     let app_id = &core.cfg().apps[hello.app as usize].id;
     let owner = shard_for(app_id, &hello.device, core.shared.shards);
-    // The session lives on as a raw descriptor: a duplicate, since the glommio stream
-    // closes its own when dropped.
-    // SAFETY: dup returns a new descriptor we own, or -1 which is checked.
-    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
-    if fd < 0 {
-        return reject(stream, Role::Device, HandshakeError::new(ErrorCode::INTERNAL, "dup failed")).await;
-    }
-    drop(stream);
-    // SAFETY: fd is a fresh descriptor owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let Some(tx) = &core.requests[owner] else {
-        return attach(&core, fd, hello.app, &hello.device, (hello.last_acked, hello.cursor), &leftover);
+        return attach(core, p.fd, hello.app, &hello.device, (hello.last_acked, hello.cursor), leftover);
     };
     let req = Request::HandOff {
-        fd,
+        fd: p.fd,
         app: hello.app,
         device: hello.device,
         last_acked: hello.last_acked,
         cursor: hello.cursor,
-        leftover,
+        leftover: leftover.to_vec(),
     };
     match tx.try_send(req) {
         Ok(()) => core.state.borrow_mut().stats.handed_off += 1,
         Err(GlommioError::WouldBlock(ResourceType::Channel(Request::HandOff { fd, .. }))) => {
             let e = HandshakeError::new(ErrorCode::BUSY, "owner shard is busy, retry");
-            reject(stream_of(fd), Role::Device, e).await;
+            glommio::spawn_local(reject(stream_of(fd), Role::Device, e)).detach();
         }
         // The owner shard has stopped: the socket closes with the request.
         Err(_) => {}
@@ -317,7 +397,7 @@ pub fn attach(core: &Rc<ShardCore>, fd: OwnedFd, app: u16, device: &str, acks: (
             pending: a.pending,
         })
         .encode(&mut out);
-        core.ring.borrow_mut().arm_recv(fd.as_raw_fd(), key, gen);
+        core.ring.borrow_mut().arm_recv(Op::Recv, fd.as_raw_fd(), key, gen);
         st.sessions.insert(Session {
             device: a.device,
             gen,
@@ -636,7 +716,7 @@ fn reap(core: &Rc<ShardCore>, sc: &mut DriverScratch, arena: &[u8]) {
                     let ShardState { sessions, due, .. } = st;
                     let s = &mut sessions[c.key];
                     if c.res > 0 || c.res == -libc::ENOBUFS {
-                        core.ring.borrow_mut().arm_recv(s.fd.as_raw_fd(), c.key, s.gen);
+                        core.ring.borrow_mut().arm_recv(Op::Recv, s.fd.as_raw_fd(), c.key, s.gen);
                     } else {
                         // End of stream or a socket error: the connection is gone.
                         s.kill = true;
@@ -655,6 +735,36 @@ fn reap(core: &Rc<ShardCore>, sc: &mut DriverScratch, arena: &[u8]) {
             Op::Send => {
                 if let Some(q) = sc.queued.get(c.key) {
                     settle_send(core, q, c.res, &arena[q.start..q.end], now);
+                }
+            }
+            Op::Accept => {
+                if c.res >= 0 {
+                    // SAFETY: the ring's accept returned a new descriptor we own.
+                    accepted(core, unsafe { OwnedFd::from_raw_fd(c.res) });
+                } else {
+                    let e = std::io::Error::from_raw_os_error(-c.res);
+                    tracing::warn!(shard = core.id, "device accept failed: {e}");
+                }
+                if !c.more() {
+                    // An error ended it (e.g. out of descriptors): the ticker re-arms it.
+                    core.listener.borrow_mut().armed = false;
+                }
+            }
+            Op::Hello => {
+                let live = core.state.borrow().handshakes.get(c.key).is_some_and(|p| uring::gen24(p.gen) == c.gen);
+                if let Some(bid) = c.buffer() {
+                    let decided = live && c.res > 0 && {
+                        let ring = core.ring.borrow();
+                        on_hello_bytes(core, c.key, ring.buffer(bid, c.res as usize))
+                    };
+                    if decided {
+                        core.ring.borrow_mut().cancel_op(Op::Hello, c.key, c.gen);
+                    }
+                    core.ring.borrow_mut().recycle(bid);
+                    recycled = true;
+                }
+                if live && !c.more() {
+                    finish_handshake(core, c.key, c.res);
                 }
             }
             Op::Cancel => {}

@@ -239,9 +239,19 @@ impl Due {
     }
 }
 
+/// The shard's device listening socket, accepted from through the device ring.
+#[derive(Default)]
+pub struct Listener {
+    pub fd: Option<OwnedFd>,
+    /// A multishot accept is armed on it.
+    pub armed: bool,
+}
+
 pub struct ShardState {
     pub table: DeviceTable,
     pub sessions: Slab<Session>,
+    /// Device connections in their handshake.
+    pub handshakes: Slab<crate::session::Pending>,
     pub due: Due,
     pub apps: Slab<AppConn>,
     /// (session key, generation) armed at the session's next deadline.
@@ -287,6 +297,7 @@ pub struct ShardCore {
     pub wbuf: RefCell<Vec<u8>>,
     /// The ring device sessions are served through.
     pub ring: RefCell<crate::uring::SessionRing>,
+    pub listener: RefCell<Listener>,
     /// `requests[s]` sends to shard `s` (None for this shard).
     pub requests: Vec<Option<Rc<ConnectedSender<Request>>>>,
     pub replies: Vec<Option<Rc<ConnectedSender<Reply>>>>,
@@ -308,6 +319,7 @@ impl ShardCore {
             // Replaced by the recovered table before any connection is accepted.
             table: DeviceTable::new(shared.app_ids(), topts, now),
             sessions: Slab::new(),
+            handshakes: Slab::new(),
             due: Due::default(),
             apps: Slab::new(),
             wheel: TimerWheel::new(1024, TICK.as_millis() as u64, now),
@@ -332,6 +344,7 @@ impl ShardCore {
             scratch: RefCell::new(vec![0; SCRATCH]),
             wbuf: RefCell::new(Vec::with_capacity(SCRATCH * 2)),
             ring: RefCell::new(ring),
+            listener: RefCell::new(Listener::default()),
             requests,
             replies,
             draining: Cell::new(false),
@@ -613,9 +626,46 @@ impl ShardCore {
         }
     }
 
+    /// Starts accepting device connections on `fd` through the device ring. Accepted
+    /// sockets inherit TCP_NODELAY from it.
+    pub fn start_accepting(&self, fd: OwnedFd) {
+        if let Err(e) = socket2::SockRef::from(&fd).set_nodelay(true) {
+            tracing::warn!(shard = self.id, "TCP_NODELAY on the device listener: {e}");
+        }
+        *self.listener.borrow_mut() = Listener { fd: Some(fd), armed: false };
+        self.arm_accept();
+    }
+
+    /// Arms the multishot accept unless it is armed, shutting down, or the listener is
+    /// closed.
+    fn arm_accept(&self) {
+        let mut l = self.listener.borrow_mut();
+        if l.armed || self.draining.get() {
+            return;
+        }
+        if let Some(fd) = &l.fd {
+            let mut ring = self.ring.borrow_mut();
+            ring.arm_accept(std::os::fd::AsRawFd::as_raw_fd(fd));
+            ring.submit();
+            l.armed = true;
+        }
+    }
+
+    /// Stops accepting: cancels the accept, then closes the listening socket.
+    fn stop_accepting(&self) {
+        let mut l = self.listener.borrow_mut();
+        let mut ring = self.ring.borrow_mut();
+        ring.cancel_op(crate::uring::Op::Accept, 0, 0);
+        ring.submit();
+        l.armed = false;
+        l.fd = None;
+    }
+
     /// Periodic work: expiry, session deadlines, shutdown progress.
     pub fn tick(self: &Rc<Self>) {
         let now = self.now_ms();
+        crate::session::expire_handshakes(self, now);
+        self.arm_accept();
         let mut fired = Vec::new();
         let mut wake = Vec::new();
         {
@@ -690,6 +740,7 @@ impl ShardCore {
     /// Starts an orderly shutdown: BYE to every device, no new requests from apps.
     pub fn begin_shutdown(self: &Rc<Self>) {
         self.draining.set(true);
+        self.stop_accepting();
         let keys: Vec<usize> = {
             let st = &mut *self.state.borrow_mut();
             for (_, s) in st.sessions.iter_mut() {

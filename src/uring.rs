@@ -39,6 +39,10 @@ pub enum Op {
     Writable = 2,
     Send = 3,
     Cancel = 4,
+    /// The device listener's multishot accept (key and generation 0).
+    Accept = 5,
+    /// The receive of a connection still in its handshake (key: handshake slab).
+    Hello = 6,
 }
 
 /// One completion, decoded.
@@ -81,6 +85,8 @@ fn decode(ud: u64, res: i32, flags: u32) -> Option<Completion> {
         2 => Op::Writable,
         3 => Op::Send,
         4 => Op::Cancel,
+        5 => Op::Accept,
+        6 => Op::Hello,
         _ => return None,
     };
     Some(Completion { op, key: (ud & 0xffff_ffff) as usize, gen: (ud >> 32) as u32 & 0xff_ffff, res, flags })
@@ -151,9 +157,21 @@ impl SessionRing {
         }
     }
 
-    /// Arms the multishot receive of a session's socket.
-    pub fn arm_recv(&mut self, fd: RawFd, key: usize, gen: u32) {
-        let e = opcode::RecvMulti::new(types::Fd(fd), BUF_GROUP).build().user_data(user_data(Op::Recv, key, gen));
+    /// Arms the multishot accept of the device listener: one completion per connection.
+    pub fn arm_accept(&mut self, listener: RawFd) {
+        let e = opcode::AcceptMulti::new(types::Fd(listener)).flags(libc::SOCK_CLOEXEC).build().user_data(user_data(
+            Op::Accept,
+            0,
+            0,
+        ));
+        // SAFETY: no buffer (the peer address is not asked for).
+        unsafe { self.push(&e) }
+    }
+
+    /// Arms the multishot receive of a socket: `Op::Recv` for a session, `Op::Hello`
+    /// for a connection in its handshake.
+    pub fn arm_recv(&mut self, op: Op, fd: RawFd, key: usize, gen: u32) {
+        let e = opcode::RecvMulti::new(types::Fd(fd), BUF_GROUP).build().user_data(user_data(op, key, gen));
         // SAFETY: the buffers come from the provided ring, which outlives the ring.
         unsafe { self.push(&e) }
     }
@@ -187,12 +205,17 @@ impl SessionRing {
     /// descriptor closes or goes to a glommio stream for a lingering close). Cancelling
     /// by user data finds the request by hash; by descriptor would scan every request.
     pub fn cancel(&mut self, key: usize, gen: u32, writable_armed: bool) {
-        let ops: &[Op] = if writable_armed { &[Op::Recv, Op::Writable] } else { &[Op::Recv] };
-        for &op in ops {
-            let e = opcode::AsyncCancel::new(user_data(op, key, gen)).build().user_data(user_data(Op::Cancel, 0, 0));
-            // SAFETY: no buffer.
-            unsafe { self.push(&e) }
+        self.cancel_op(Op::Recv, key, gen);
+        if writable_armed {
+            self.cancel_op(Op::Writable, key, gen);
         }
+    }
+
+    /// Cancels the request with this op, key and generation.
+    pub fn cancel_op(&mut self, op: Op, key: usize, gen: u32) {
+        let e = opcode::AsyncCancel::new(user_data(op, key, gen)).build().user_data(user_data(Op::Cancel, 0, 0));
+        // SAFETY: no buffer.
+        unsafe { self.push(&e) }
     }
 
     /// Submits what is queued.
@@ -267,7 +290,7 @@ mod tests {
         let mut ring = SessionRing::new().expect("io_uring with provided-buffer rings");
         let (mut a, b) = UnixStream::pair().unwrap();
         let fd = b.as_raw_fd();
-        ring.arm_recv(fd, 5, 9);
+        ring.arm_recv(Op::Recv, fd, 5, 9);
         ring.submit();
         let mut got = Vec::new();
         for chunk in [&b"hello"[..], b"world!"] {
@@ -323,7 +346,7 @@ mod tests {
             a.write_all(&data).unwrap();
             a
         });
-        ring.arm_recv(b.as_raw_fd(), 1, 1);
+        ring.arm_recv(Op::Recv, b.as_raw_fd(), 1, 1);
         ring.submit();
         let mut got = Vec::with_capacity(total);
         let mut held = Vec::new();
@@ -344,7 +367,7 @@ mod tests {
                         ring.recycle(bid);
                     }
                     ring.publish();
-                    ring.arm_recv(b.as_raw_fd(), 1, 1);
+                    ring.arm_recv(Op::Recv, b.as_raw_fd(), 1, 1);
                 }
             }
         }

@@ -396,6 +396,49 @@ fn a_device_that_stops_reading_gets_everything_in_order_when_it_resumes() {
 }
 
 #[test]
+fn a_handshake_that_stalls_is_refused_after_the_timeout() {
+    let srv = Server::start(2, "handshake_timeout = \"1s\"");
+    // The preamble and half a HELLO, then silence.
+    let hello = hello_bytes(APP, "stalled", token_for("stalled", 3600).0);
+    let started = std::time::Instant::now();
+    let reply = raw_exchange(srv.device, &hello[..hello.len() / 2]);
+    assert_eq!(error_code(&reply), ErrorCode::BAD_FRAME);
+    assert!(started.elapsed() >= Duration::from_millis(900), "refused before the timeout");
+    // A connection that sends everything at once in tiny pieces still gets in.
+    run(|| async {
+        let mut app = srv.app().await;
+        accepted(app.push(PushTarget::Device("slowpoke"), 0, b"waiting").await.unwrap());
+    });
+    let mut s = std::net::TcpStream::connect(srv.device).unwrap();
+    s.set_nodelay(true).unwrap();
+    for b in hello_bytes(APP, "slowpoke", token_for("slowpoke", 3600).0) {
+        s.write_all(&[b]).unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let limits = Limits::default();
+    let message = loop {
+        let n = s.read(&mut chunk).expect("the server answers");
+        assert!(n > 0, "closed: {got:?}");
+        got.extend_from_slice(&chunk[..n]);
+        let mut pos = ringpush::protocol::PREAMBLE_LEN.min(got.len());
+        let mut found = None;
+        while let Ok(Some((frame, used))) = DeviceFrame::decode(&got[pos..], &limits) {
+            pos += used;
+            if let DeviceFrame::Message(m) = frame {
+                found = Some(m.payload.to_vec());
+            }
+        }
+        if let Some(m) = found {
+            break m;
+        }
+    };
+    assert_eq!(message, b"waiting");
+}
+
+#[test]
 fn idle_devices_are_closed_after_two_heartbeats_and_pings_keep_them() {
     let srv = Server::start(1, "heartbeat = \"300ms\"");
     run(|| async {
