@@ -198,11 +198,16 @@ impl Acker {
 
     /// Records a received message; false if its seq was seen before (a redelivery).
     pub fn received(&mut self, m: &Received) -> bool {
-        let seen = if m.broadcast { &mut self.bseq } else { &mut self.seq };
-        if m.seq <= *seen {
+        self.saw(m.seq, m.broadcast)
+    }
+
+    /// [`Self::received`] from a message's seq and stream.
+    pub fn saw(&mut self, seq: u64, broadcast: bool) -> bool {
+        let seen = if broadcast { &mut self.bseq } else { &mut self.seq };
+        if seq <= *seen {
             return false;
         }
-        *seen = m.seq;
+        *seen = seq;
         self.unacked += 1;
         self.since.get_or_insert_with(std::time::Instant::now);
         true
@@ -326,6 +331,61 @@ impl DeviceClient {
                         message: format!("unexpected {other:?}"),
                     })
                 }
+            }
+        }
+    }
+
+    /// Waits for at least one frame, then handles every whole frame already buffered:
+    /// each MESSAGE goes to `on_message` borrowed from the read buffer (no copy, no
+    /// await per message), PINGs are answered. Returns the first other event (PONG,
+    /// BYE) that ends the batch, or `None` once the buffered frames are used up: the
+    /// moment to decide on an ack. For receive loops that must keep up with a flood.
+    pub async fn read_batch(
+        &mut self,
+        on_message: &mut impl FnMut(&ringpush_protocol::device::Message<'_>),
+    ) -> Result<Option<DeviceEvent>, ClientError> {
+        enum Step {
+            More,
+            Ping(u64),
+            Done(DeviceEvent),
+        }
+        let mut handled = false;
+        loop {
+            let c = &mut self.conn;
+            let decoded = DeviceFrame::decode(&c.buf[c.start..c.end], &c.limits).map_err(ClientError::Protocol)?;
+            let (step, n) = match decoded {
+                None if handled => return Ok(None),
+                None => {
+                    c.fill().await?;
+                    continue;
+                }
+                Some((DeviceFrame::Message(m), n)) => {
+                    on_message(&m);
+                    (Step::More, n)
+                }
+                Some((DeviceFrame::Ping(x), n)) => (Step::Ping(x), n),
+                Some((DeviceFrame::Pong(x), n)) => (Step::Done(DeviceEvent::Pong(x)), n),
+                Some((DeviceFrame::Bye(b), n)) => (Step::Done(DeviceEvent::Bye(b.reason, b.redirect.to_string())), n),
+                Some((DeviceFrame::Error(e), _)) => {
+                    return Err(ClientError::Server { code: e.code, message: e.message.into() })
+                }
+                Some((other, _)) => {
+                    return Err(ClientError::Server {
+                        code: ErrorCode::UNEXPECTED_FRAME,
+                        message: format!("unexpected {other:?}"),
+                    })
+                }
+            };
+            c.start += n;
+            handled = true;
+            match step {
+                Step::More => {}
+                Step::Ping(x) => {
+                    let mut o = Vec::new();
+                    DeviceFrame::Pong(x).encode(&mut o);
+                    self.conn.stream.write_all(&o).await?;
+                }
+                Step::Done(ev) => return Ok(Some(ev)),
             }
         }
     }

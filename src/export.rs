@@ -21,6 +21,7 @@ fn describe() {
     c("ringpush_app_connections_accepted_total", "App connections authenticated.");
     c("ringpush_app_handshake_failures_total", "App connections refused during preamble or AUTH.");
     c("ringpush_bytes_total", "Bytes read and written on device and app sockets.");
+    c("ringpush_device_writes_total", "Sends to device sockets: messages written / writes is the coalescing factor.");
     c("ringpush_pushes_total", "Push requests answered, by kind and result.");
     c("ringpush_messages_total", "Messages (one push to one device), by event.");
     c("ringpush_store_errors_total", "Store writes or flushes that failed (disk full, I/O error).");

@@ -795,6 +795,7 @@ fn settle_send(core: &Rc<ShardCore>, q: &Queued, res: i32, bytes: &[u8], now: u6
         }
     };
     stats.device_bytes_out += accepted as u64;
+    stats.device_writes += 1;
     let rest = &bytes[accepted.min(bytes.len())..];
     if rest.is_empty() {
         s.blocked_since_ms = 0;

@@ -181,6 +181,8 @@ pub struct ShardStats {
     pub pushes: [[u64; 3]; 3],
     pub device_bytes_in: u64,
     pub device_bytes_out: u64,
+    /// Sends to device sockets (one per session per round with something to write).
+    pub device_writes: u64,
     pub app_bytes_in: u64,
     pub app_bytes_out: u64,
 }
@@ -205,6 +207,7 @@ impl ShardStats {
             ("ringpush_app_handshake_failures_total", vec![], self.app_handshake_failed),
             ("ringpush_bytes_total", vec![("direction", "in"), ("peer", "device")], self.device_bytes_in),
             ("ringpush_bytes_total", vec![("direction", "out"), ("peer", "device")], self.device_bytes_out),
+            ("ringpush_device_writes_total", vec![], self.device_writes),
             ("ringpush_bytes_total", vec![("direction", "in"), ("peer", "app")], self.app_bytes_in),
             ("ringpush_bytes_total", vec![("direction", "out"), ("peer", "app")], self.app_bytes_out),
         ];

@@ -439,6 +439,32 @@ fn a_handshake_that_stalls_is_refused_after_the_timeout() {
 }
 
 #[test]
+fn read_batch_hands_every_buffered_message_over_in_order() {
+    let srv = Server::start(2, "");
+    run(|| async {
+        let mut app = srv.app().await;
+        for i in 0..50u32 {
+            accepted(app.push(PushTarget::Device("batcher"), 0, &i.to_be_bytes()).await.unwrap());
+        }
+        let mut dev = srv.device("batcher").await;
+        let mut got: Vec<(u64, Vec<u8>)> = Vec::new();
+        while got.len() < 50 {
+            let mut on = |m: &ringpush::protocol::device::Message<'_>| got.push((m.seq, m.payload.to_vec()));
+            let ev = glommio::timer::timeout(T, async { Ok(dev.read_batch(&mut on).await) }).await.unwrap();
+            assert!(matches!(ev, Ok(None)), "{ev:?}");
+        }
+        for (i, (seq, payload)) in got.iter().enumerate() {
+            assert_eq!((*seq, payload.as_slice()), (i as u64 + 1, &(i as u32).to_be_bytes()[..]));
+        }
+        dev.ack(50).await.unwrap();
+        // A PONG ends a batch and is returned.
+        dev.ping(7).await.unwrap();
+        let ev = dev.read_batch(&mut |_| panic!("no more messages")).await.unwrap();
+        assert!(matches!(ev, Some(DeviceEvent::Pong(7))), "{ev:?}");
+    });
+}
+
+#[test]
 fn idle_devices_are_closed_after_two_heartbeats_and_pings_keep_them() {
     let srv = Server::start(1, "heartbeat = \"300ms\"");
     run(|| async {
