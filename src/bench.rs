@@ -279,16 +279,27 @@ fn spawn_workers(args: &BenchArgs, system: System, device: SocketAddr) -> Result
     Ok(workers)
 }
 
-/// Waits for every worker's `ready N` line; returns the devices connected.
-fn wait_ready(workers: &mut [Worker]) -> Result<u64, String> {
-    let mut connected = 0;
+/// The devices connected by the workers, and the connect window's length: from the
+/// first connect attempt of any worker to the last handshake done in any of them (so
+/// starting the worker processes and their executors is not counted as connecting).
+struct Ready {
+    connected: u64,
+    secs: f64,
+}
+
+/// Waits for every worker's `ready N FIRST_US LAST_US` line.
+fn wait_ready(workers: &mut [Worker]) -> Result<Ready, String> {
+    let (mut connected, mut first, mut last) = (0, u64::MAX, 0);
     for w in workers.iter_mut() {
         let line = read_line(w)?;
-        let n: u64 =
-            line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).ok_or(format!("bad worker line {line:?}"))?;
-        connected += n;
+        let field = |i: usize| -> Result<u64, String> {
+            line.split_whitespace().nth(i).and_then(|v| v.parse().ok()).ok_or(format!("bad worker line {line:?}"))
+        };
+        connected += field(1)?;
+        first = first.min(field(2)?);
+        last = last.max(field(3)?);
     }
-    Ok(connected)
+    Ok(Ready { connected, secs: (last.saturating_sub(first) as f64 / 1e6).max(1e-6) })
 }
 
 /// What the workers saw, merged.
@@ -695,11 +706,11 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     let connect_start_us = unix_us();
     let (cpu_at_connect, _) = usage().unwrap_or((0.0, 0));
     let mut workers = spawn_workers(args, system, device_addr)?;
-    let connected = wait_ready(&mut workers)?;
-    let connect_secs = connect_start.elapsed().as_secs_f64();
-    // The storm scenario's CPU is the connect phase's (its box is restarted afterwards).
+    let Ready { connected, secs: connect_secs } = wait_ready(&mut workers)?;
+    // The storm scenario's CPU is the connect phase's (its box is restarted afterwards),
+    // over the whole wait, worker start-up included, when the server is mostly idle.
     let (cpu_connected, rss_connected) = usage().unwrap_or((0.0, 0));
-    let connect_cpu = 100.0 * (cpu_connected - cpu_at_connect) / connect_secs.max(1e-6);
+    let connect_cpu = 100.0 * (cpu_connected - cpu_at_connect) / connect_start.elapsed().as_secs_f64().max(1e-6);
     if connected < args.devices as u64 {
         return Err(format!("only {connected} of {} devices connected", args.devices));
     }
@@ -721,10 +732,10 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
                 let (device, app) = (old.device.to_string(), old.app.to_string());
                 drop(old); // SIGTERM: devices get BYE; the ports are free again
                 *slot = Some(Spawned::start_at(args.shards, &args.set, &device, &app)?);
-                let t = Instant::now();
                 workers = spawn_workers(args, system, device_addr)?;
                 let again = wait_ready(&mut workers)?;
-                idle = json!({ "reconnected": again, "reconnect_per_sec": again as f64 / t.elapsed().as_secs_f64() });
+                idle =
+                    json!({ "reconnected": again.connected, "reconnect_per_sec": again.connected as f64 / again.secs });
             }
         }
         Scenario::Idle => {
@@ -911,6 +922,8 @@ struct WorkerStats {
     duplicates: u64,
     failed: u64,
     connected: u64,
+    /// Unix µs of the last handshake completed.
+    last_connected_us: u64,
     last_us: u64,
     /// Messages received per 100 ms, keyed by unix time / 100 ms (for the chart).
     timeline: std::collections::BTreeMap<u64, u64>,
@@ -941,7 +954,9 @@ impl Received {
 
     fn connected(&self, permits: &RefCell<usize>) {
         *permits.borrow_mut() += 1;
-        self.stats.borrow_mut().connected += 1;
+        let mut st = self.stats.borrow_mut();
+        st.connected += 1;
+        st.last_connected_us = unix_us();
     }
 }
 
@@ -1131,6 +1146,7 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
         let hist = Rc::new(RefCell::new(new_hist()));
         let expiry = unix_ms() / 1000 + 86_400;
         let permits = Rc::new(RefCell::new(args.concurrency.max(1)));
+        let first_us = unix_us();
         for i in args.from..args.from + args.count {
             while *permits.borrow() == 0 {
                 glommio::timer::sleep(Duration::from_micros(200)).await;
@@ -1160,7 +1176,7 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
         } {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
-        println!("ready {}", stats.borrow().connected);
+        println!("ready {} {first_us} {}", stats.borrow().connected, stats.borrow().last_connected_us);
         let _ = std::io::stdout().flush();
         while !stop.load(Ordering::Relaxed) {
             glommio::timer::sleep(Duration::from_millis(10)).await;

@@ -252,15 +252,32 @@ pub struct Pending {
     state: HelloState,
 }
 
-/// A connection the device listener accepted: its handshake starts on the ring.
-fn accepted(core: &ShardCore, fd: OwnedFd) {
-    let st = &mut *core.state.borrow_mut();
-    st.stats.device_accepted += 1;
-    let gen = st.gen();
-    let deadline_ms = core.now_ms() + core.cfg().handshake_timeout.as_millis() as u64;
+/// A connection the device listener accepted. Its preamble and HELLO are usually
+/// there already (a device writes them right after connecting, or in its SYN with TCP
+/// Fast Open), so they are read at once with a non-blocking `recv`; only a handshake
+/// still incomplete after that continues on the ring.
+fn accepted(core: &Rc<ShardCore>, fd: OwnedFd) {
     let raw = fd.as_raw_fd();
-    let pending = Pending { fd, gen, buf: Vec::new(), started_us: mono_us(), deadline_ms, state: HelloState::Reading };
-    let key = st.handshakes.insert(pending);
+    let (key, gen) = {
+        let st = &mut *core.state.borrow_mut();
+        st.stats.device_accepted += 1;
+        let gen = st.gen();
+        let deadline_ms = core.now_ms() + core.cfg().handshake_timeout.as_millis() as u64;
+        let pending =
+            Pending { fd, gen, buf: Vec::new(), started_us: mono_us(), deadline_ms, state: HelloState::Reading };
+        (st.handshakes.insert(pending), gen)
+    };
+    let mut first = [0u8; 1024];
+    // SAFETY: `raw` is the open socket owned by the pending handshake; `first` is writable.
+    let n = unsafe { libc::recv(raw, first.as_mut_ptr().cast(), first.len(), libc::MSG_DONTWAIT) };
+    match n {
+        // Closed before a word: nothing to answer.
+        0 => return finish_handshake(core, key, 0),
+        n if n > 0 && on_hello_bytes(core, key, &first[..n as usize]) => return finish_handshake(core, key, 0),
+        // Incomplete, not there yet (EAGAIN), or broken: the ring's receive takes over
+        // (and reports a broken connection itself).
+        _ => {}
+    }
     core.ring.borrow_mut().arm_recv(Op::Hello, raw, key, gen);
 }
 
@@ -741,7 +758,8 @@ fn reap(core: &Rc<ShardCore>, sc: &mut DriverScratch, arena: &[u8]) {
                 if c.res >= 0 {
                     // SAFETY: the ring's accept returned a new descriptor we own.
                     accepted(core, unsafe { OwnedFd::from_raw_fd(c.res) });
-                } else {
+                } else if c.res != -libc::ECANCELED {
+                    // (ECANCELED: the listener was closed for shutdown.)
                     let e = std::io::Error::from_raw_os_error(-c.res);
                     tracing::warn!(shard = core.id, "device accept failed: {e}");
                 }
