@@ -26,7 +26,8 @@ use ringpush_protocol::app::{encode_push_list, AppFrame, Auth, Push, Target};
 use ringpush_protocol::device::{Ack, DeviceFrame, Hello, Welcome};
 use ringpush_protocol::{token, DecodeError, DeviceToken, ErrorCode, Limits, Preamble, Receipt, Role, PREAMBLE_LEN};
 use std::fmt;
-use std::net::ToSocketAddrs;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Why a client call failed.
@@ -73,6 +74,36 @@ pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// Connects and sends `first` (preamble and HELLO/AUTH) with TCP Fast Open: when the
+/// kernel holds a cookie from an earlier connection to the server, `first` rides in the
+/// SYN and the handshake saves a round trip; otherwise the kernel asks for a cookie and
+/// sends `first` after the usual three-way handshake. Returns the stream and how many
+/// bytes of `first` are already on their way (the caller writes the rest).
+fn connect_sending(addr: SocketAddr, first: &[u8]) -> std::io::Result<(TcpStream, usize)> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    s.set_nodelay(true)?;
+    // Without it (a kernel that lacks it) the connect below is an ordinary one.
+    let fastopen = crate::server::set_int_opt(&s, libc::IPPROTO_TCP, libc::TCP_FASTOPEN_CONNECT, 1).is_ok();
+    s.set_nonblocking(true)?;
+    match s.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let sent = if fastopen {
+        match s.send_with_flags(first, libc::MSG_NOSIGNAL) {
+            Ok(n) => n,
+            // No cookie yet (the SYN went without data), or still connecting.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINPROGRESS | libc::EAGAIN)) => 0,
+            Err(e) => return Err(e),
+        }
+    } else {
+        0
+    };
+    // SAFETY: the descriptor is a TCP socket we own; the stream takes it over.
+    Ok((unsafe { TcpStream::from_raw_fd(s.into_raw_fd()) }, sent))
+}
+
 /// A byte stream with a receive buffer and frame decoding.
 struct Conn {
     stream: TcpStream,
@@ -81,6 +112,10 @@ struct Conn {
     start: usize,
     end: usize,
     limits: Limits,
+    /// How much the buffer grows by when less than a quarter of it is free: a device
+    /// gets a page (a socket's default receive buffer holds about that much, and a
+    /// million devices must not each zero 16 KiB), an app connection more.
+    chunk: usize,
 }
 
 impl Conn {
@@ -89,17 +124,20 @@ impl Conn {
             .to_socket_addrs()?
             .next()
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))?;
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
         let mut hello = Preamble::client(role).encode().to_vec();
         hello.extend_from_slice(first);
-        stream.write_all(&hello).await?;
+        let (mut stream, sent) = connect_sending(addr, &hello)?;
+        stream.write_all(&hello[sent..]).await?;
         let mut c = Conn {
             stream,
             buf: Vec::new(),
             start: 0,
             end: 0,
             limits: Limits { max_frame: ringpush_protocol::wire::MAX_FRAME_CEILING, max_targets: u16::MAX },
+            chunk: match role {
+                Role::Device => 4096,
+                Role::App => 16 * 1024,
+            },
         };
         while c.end < PREAMBLE_LEN {
             c.fill().await?;
@@ -118,12 +156,12 @@ impl Conn {
     async fn fill(&mut self) -> Result<(), ClientError> {
         if self.start == self.end {
             (self.start, self.end) = (0, 0);
-        } else if self.start > 0 && self.buf.len() - self.end < 4096 {
+        } else if self.start > 0 && self.buf.len() - self.end < self.chunk / 4 {
             self.buf.copy_within(self.start..self.end, 0);
             (self.start, self.end) = (0, self.end - self.start);
         }
-        if self.buf.len() - self.end < 4096 {
-            self.buf.resize(self.end + 16 * 1024, 0);
+        if self.buf.len() - self.end < self.chunk / 4 {
+            self.buf.resize(self.end + self.chunk, 0);
         }
         let n = self.stream.read(&mut self.buf[self.end..]).await?;
         if n == 0 {
@@ -592,5 +630,49 @@ impl AppClient {
                 message: format!("reply for another request: {other:?}"),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_connection_asks_for_fast_open_and_its_first_bytes_arrive_whole() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let first: Vec<u8> = (0..200u8).collect();
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).make().unwrap();
+        let expect = first.clone();
+        let (tfo, nodelay) = ex.run(async move {
+            let (mut stream, sent) = connect_sending(addr, &first).unwrap();
+            stream.write_all(&first[sent..]).await.unwrap();
+            let opt = |name| {
+                let mut v: i32 = -1;
+                let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+                // SAFETY: the stream's socket is open; `v` and `len` fit an int option.
+                let rc = unsafe {
+                    libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, name, (&mut v as *mut i32).cast(), &mut len)
+                };
+                assert_eq!(rc, 0);
+                v
+            };
+            (opt(libc::TCP_FASTOPEN_CONNECT), opt(libc::TCP_NODELAY))
+        });
+        assert_eq!((tfo, nodelay), (1, 1));
+        let (mut peer, _) = listener.accept().unwrap();
+        let mut got = vec![0u8; expect.len()];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(got, expect);
+    }
+
+    #[test]
+    fn connecting_to_a_closed_port_is_an_error() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).make().unwrap();
+        let err = ex.run(async move { DeviceClient::connect(port, "app", "dev", DeviceToken([0; 40]), 0).await.err() });
+        assert!(matches!(err, Some(ClientError::Io(_))), "got {err:?}");
     }
 }

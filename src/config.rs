@@ -66,6 +66,9 @@ pub struct Config {
     /// A device whose socket accepts no bytes for this long is disconnected.
     #[serde(with = "serde_str")]
     pub slow_device_timeout: Duration,
+    /// TCP Fast Open queue of the device listener (0: off): returning devices send
+    /// their HELLO in the SYN and save a round trip per reconnect.
+    pub device_fastopen: u32,
     /// Time a new connection has to complete the preamble and HELLO/AUTH.
     #[serde(with = "serde_str")]
     pub handshake_timeout: Duration,
@@ -119,6 +122,7 @@ impl Default for Config {
             max_queued_per_device: 4096,
             max_queued_bytes_per_device: 4 * 1024 * 1024,
             slow_device_timeout: Duration::from_secs(10),
+            device_fastopen: 4096,
             handshake_timeout: Duration::from_secs(10),
             shard_queue: 4096,
             max_inflight_per_app: 8192,

@@ -630,3 +630,43 @@ fn a_device_client_read_cancelled_by_a_timeout_loses_nothing() {
         assert!(cancelled > 0, "no read was cancelled: the test proved nothing");
     });
 }
+
+/// The kernel's count of connections accepted with data in their SYN (TCP Fast Open).
+fn fastopen_accepted() -> u64 {
+    let netstat = std::fs::read_to_string("/proc/net/netstat").expect("/proc/net/netstat");
+    let mut tcpext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (tcpext.next().expect("TcpExt names"), tcpext.next().expect("TcpExt values"));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "TCPFastOpenPassive")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("TCPFastOpenPassive in /proc/net/netstat")
+}
+
+#[test]
+fn a_returning_device_sends_its_hello_in_the_syn_when_the_kernel_allows_it() {
+    // Bit 2 of net.ipv4.tcp_fastopen lets servers take data in a SYN (kernel-tuning
+    // sets 3). Without it the same connections must work over a plain handshake.
+    let sysctl = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fastopen").expect("tcp_fastopen sysctl");
+    let server_bit = sysctl.trim().parse::<u32>().expect("a number") & 2 != 0;
+    let srv = Server::start(2, "");
+    let before = fastopen_accepted();
+    run(|| async {
+        let mut app = srv.app().await;
+        // The first connection to the address may only fetch a cookie; the later ones
+        // carry preamble and HELLO in the SYN.
+        for i in 0..4 {
+            let device = format!("fast-open-{i}");
+            let mut dev = srv.device(&device).await;
+            accepted(app.push(PushTarget::Device(&device), 0, device.as_bytes()).await.unwrap());
+            assert_eq!(message(&mut dev).await.payload, device.as_bytes());
+        }
+    });
+    let after = fastopen_accepted();
+    if server_bit {
+        assert!(after >= before + 3, "expected HELLOs in SYNs: TCPFastOpenPassive {before} -> {after}");
+    } else {
+        assert_eq!(after, before, "the kernel took SYN data with server Fast Open off");
+    }
+}
