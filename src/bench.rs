@@ -17,8 +17,9 @@
 //! device connects at once; a spawned box is then restarted on the same ports and every
 //! device connects again: handshakes/s both times).
 
+use crate::bench_rx::{Receiver, Sink, Wire};
 use crate::client::{
-    unix_ms, AckPolicy, Acker, AppClient, AppReply, DeviceClient, DeviceEvent, PushOutcome, PushTarget,
+    dup_socket, unix_ms, AckPolicy, Acker, AppClient, AppReply, DeviceClient, PushOutcome, PushTarget,
 };
 use crate::peers::{self, Peer, System};
 use crate::raw::RawServer;
@@ -26,7 +27,6 @@ use clap::{Args, ValueEnum};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
 use hdrhistogram::Histogram;
-use ringpush_protocol::device::{Message, FLAG_BROADCAST};
 use ringpush_protocol::DeviceToken;
 use serde_json::{json, Value};
 use std::cell::RefCell;
@@ -592,7 +592,22 @@ async fn push_ringpush(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSid
             glommio::timer::sleep(Duration::from_micros(200)).await;
             continue;
         }
-        match app.next_reply().await.map_err(|e| e.to_string())? {
+        // At a set rate, wait for a reply only until the next push is due, so pushes
+        // leave on time, not in bursts released by the replies of each group flush
+        // (a burst queues behind itself all the way to the devices).
+        let next_due = (args.rate > 0 && args.more(queued, start.elapsed())).then(|| {
+            let due = Duration::from_secs_f64((out.accepted + inflight.len() as u64) as f64 / args.rate as f64);
+            due.saturating_sub(start.elapsed()).max(Duration::from_micros(50))
+        });
+        let reply = match next_due {
+            // `next_reply` is cancel-safe: a reply half-read when the timer fires stays buffered.
+            Some(wait) => match glommio::timer::timeout(wait, async { Ok(app.next_reply().await) }).await {
+                Ok(reply) => reply,
+                Err(_) => continue,
+            },
+            None => app.next_reply().await,
+        };
+        match reply.map_err(|e| e.to_string())? {
             AppReply::Push(id, outcome) => {
                 let target = inflight.remove(&id).ok_or("reply for an unknown request")?;
                 match outcome {
@@ -930,9 +945,16 @@ struct WorkerStats {
 }
 
 /// Where a worker's devices record what they receive.
+#[derive(Clone)]
 struct Received {
     stats: Rc<RefCell<WorkerStats>>,
     hist: Rc<RefCell<Histogram<u64>>>,
+}
+
+impl Sink for Received {
+    fn record(&self, payload: &[u8], duplicate: bool) {
+        Received::record(self, payload, duplicate);
+    }
 }
 
 impl Received {
@@ -987,53 +1009,33 @@ async fn ringpush_device(
     i: usize,
     expiry: u64,
     rx: &Received,
+    receiver: &Receiver<Received>,
     permits: &RefCell<usize>,
 ) -> Result<(), String> {
     let id = format!("d{i}");
     let token = DeviceToken::mint(secret.as_bytes(), APP, &id, expiry);
-    let mut dev = with_retries(permits, || DeviceClient::connect(server, APP, &id, token, 0)).await?;
+    let dev = with_retries(permits, || DeviceClient::connect(server, APP, &id, token, 0)).await?;
     rx.connected(permits);
-    // Acks are decided when messages arrive; what is unacked when the run ends stays
-    // on the server, as it would for a device that went away.
-    // Messages are handled in place, a buffered batch at a time (like the peers'
-    // parsers below); the ack decision is made once per batch.
-    let mut acker = Acker::new(DEVICE_ACKS, 0, 0);
-    loop {
-        let mut on_message = |m: &Message<'_>| {
-            let fresh = acker.saw(m.seq, m.flags & FLAG_BROADCAST != 0);
-            rx.record(m.payload, !fresh);
-        };
-        match dev.read_batch(&mut on_message).await {
-            Ok(None) => {
-                if acker.due() && acker.ack(&mut dev).await.is_err() {
-                    break;
-                }
-            }
-            Ok(Some(DeviceEvent::Bye(..))) | Err(_) => break,
-            Ok(Some(_)) => {}
-        }
-    }
+    // From here the process's receive ring reads the socket: messages are handled in
+    // place a received batch at a time, one ack decision per batch (cumulative, by
+    // DEVICE_ACKS). What is unacked when the run ends stays on the server, as it would
+    // for a device that went away.
+    let (fd, leftover) = dev.into_parts().map_err(|e| e.to_string())?;
+    receiver.add(fd, Wire::Ringpush(Acker::new(DEVICE_ACKS, 0, 0)), &leftover);
     Ok(())
 }
 
 /// One raw-limit receiver: fixed-size messages, no protocol.
-async fn raw_device(server: SocketAddr, size: usize, rx: &Received, permits: &RefCell<usize>) -> Result<(), String> {
-    let mut stream = with_retries(permits, || glommio::net::TcpStream::connect(server)).await?;
+async fn raw_device(
+    server: SocketAddr,
+    size: usize,
+    rx: &Received,
+    receiver: &Receiver<Received>,
+    permits: &RefCell<usize>,
+) -> Result<(), String> {
+    let stream = with_retries(permits, || glommio::net::TcpStream::connect(server)).await?;
     rx.connected(permits);
-    let mut buf = vec![0u8; size * 64];
-    let mut have = 0;
-    while let Ok(n) = stream.read(&mut buf[have..]).await {
-        if n == 0 {
-            break;
-        }
-        have += n;
-        let whole = have / size * size;
-        for m in buf[..whole].chunks_exact(size) {
-            rx.record(m, false);
-        }
-        buf.copy_within(whole..have, 0);
-        have -= whole;
-    }
+    receiver.add(dup_socket(&stream).map_err(|e| e.to_string())?, Wire::Raw(size), &[]);
     Ok(())
 }
 
@@ -1043,6 +1045,7 @@ async fn peer_device(
     server: SocketAddr,
     i: usize,
     rx: &Received,
+    receiver: &Receiver<Received>,
     permits: &RefCell<usize>,
 ) -> Result<(), String> {
     let id = format!("d{i}");
@@ -1076,23 +1079,9 @@ async fn peer_device(
         return Err(e);
     }
     rx.connected(permits);
-    // From here on, errors end this device's run; they are not connect failures.
-    loop {
-        match read_packets(system, &mut stream, &mut buf, &mut |p| {
-            if let Some(p) = p {
-                rx.record(p, false)
-            }
-        })
-        .await
-        {
-            Ok(true) => {}
-            Ok(false) => return Ok(()),
-            Err(e) => {
-                eprintln!("ringpush bench-worker: device {id}: {e}");
-                return Ok(());
-            }
-        }
-    }
+    let wire = if system == System::Redis { Wire::Redis } else { Wire::Mqtt };
+    receiver.add(dup_socket(&stream).map_err(|e| e.to_string())?, wire, &buf);
+    Ok(())
 }
 
 /// Reads once from a peer connection and hands every whole packet to `each`
@@ -1146,6 +1135,13 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
         let hist = Rc::new(RefCell::new(new_hist()));
         let expiry = unix_ms() / 1000 + 86_400;
         let permits = Rc::new(RefCell::new(args.concurrency.max(1)));
+        let receiver = match Receiver::start(Received { stats: Rc::clone(&stats), hist: Rc::clone(&hist) }) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("ringpush bench-worker: cannot set up the receive ring: {e}");
+                std::process::exit(1);
+            }
+        };
         let first_us = unix_us();
         for i in args.from..args.from + args.count {
             while *permits.borrow() == 0 {
@@ -1153,13 +1149,15 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
             }
             *permits.borrow_mut() -= 1;
             let (stats, hist, permits) = (Rc::clone(&stats), Rc::clone(&hist), Rc::clone(&permits));
+            let receiver = Rc::clone(&receiver);
             let (server, secret, system, size) = (args.server, args.secret.clone(), args.system, args.payload);
             glommio::spawn_local(async move {
                 let received = Received { stats: Rc::clone(&stats), hist };
+                let r = &*receiver;
                 let connected = match system {
-                    System::Ringpush => ringpush_device(server, &secret, i, expiry, &received, &permits).await,
-                    System::Raw => raw_device(server, size, &received, &permits).await,
-                    peer => peer_device(peer, server, i, &received, &permits).await,
+                    System::Ringpush => ringpush_device(server, &secret, i, expiry, &received, r, &permits).await,
+                    System::Raw => raw_device(server, size, &received, r, &permits).await,
+                    peer => peer_device(peer, server, i, &received, r, &permits).await,
                 };
                 if let Err(e) = connected {
                     if stats.borrow().failed == 0 {

@@ -104,6 +104,19 @@ fn connect_sending(addr: SocketAddr, first: &[u8]) -> std::io::Result<(TcpStream
     Ok((unsafe { TcpStream::from_raw_fd(s.into_raw_fd()) }, sent))
 }
 
+/// A descriptor of its own for a glommio stream's socket (glommio streams cannot give
+/// theirs up): the socket stays open after the stream is dropped.
+pub fn dup_socket(stream: &TcpStream) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on an open descriptor; the result is checked.
+    let fd = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// A byte stream with a receive buffer and frame decoding.
 struct Conn {
     stream: TcpStream,
@@ -260,6 +273,14 @@ impl Acker {
     pub fn resume(&mut self, w: &Welcome) {
         self.seq = self.seq.max(w.acked_seq);
         self.bseq = self.bseq.max(w.broadcast_cursor);
+    }
+
+    /// Encodes the cumulative ACK of both streams into `out`, for a caller that writes
+    /// to the socket itself.
+    pub fn encode_ack(&mut self, out: &mut Vec<u8>) {
+        self.unacked = 0;
+        self.since = None;
+        DeviceFrame::Ack(Ack { seq: self.seq, broadcast_seq: self.bseq }).encode(out);
     }
 
     /// Sends the cumulative ACK of both streams.
@@ -442,6 +463,15 @@ impl DeviceClient {
     /// Cumulative ACK of both streams: unicast seq ≤ `seq`, broadcast seq ≤ `bseq`.
     pub async fn ack_both(&mut self, seq: u64, bseq: u64) -> Result<(), ClientError> {
         self.send(DeviceFrame::Ack(Ack { seq, broadcast_seq: bseq })).await
+    }
+
+    /// The connected socket and the bytes already read from it but not yet handled,
+    /// for a caller that drives many devices' sockets itself (the load generator's
+    /// io_uring receiver). The session goes on on the returned socket.
+    pub fn into_parts(self) -> std::io::Result<(std::os::fd::OwnedFd, Vec<u8>)> {
+        let c = self.conn;
+        let fd = dup_socket(&c.stream)?;
+        Ok((fd, c.buf[c.start..c.end].to_vec()))
     }
 
     pub async fn ping(&mut self, nonce: u64) -> Result<(), ClientError> {

@@ -22,6 +22,7 @@
 //! The wire protocols live in the `ringpush-protocol` crate (sans-IO).
 
 pub mod bench;
+pub mod bench_rx;
 pub mod chart;
 pub mod cli;
 pub mod client;

@@ -560,22 +560,16 @@ pub async fn drive(core: Rc<ShardCore>) {
 /// Waits on the ring's eventfd through glommio's reactor and wakes the driver each
 /// time the ring posts completions.
 async fn watch_ring(core: Rc<ShardCore>) {
-    // SAFETY: dup returns a new descriptor we own, or -1 which is checked.
-    let fd = unsafe { libc::dup(core.ring.borrow().eventfd()) };
-    if fd < 0 {
-        tracing::error!(shard = core.id, "cannot watch the device ring: {}", std::io::Error::last_os_error());
-        return;
-    }
-    // SAFETY: fd is a fresh eventfd descriptor; the file owns it from here.
-    let event = unsafe { glommio::io::BufferedFile::from_raw_fd(fd) };
+    let event = core.ring.borrow().eventfd();
     loop {
-        if let Err(e) = event.read_at(0, 8).await {
-            tracing::error!(shard = core.id, "reading the device ring's eventfd failed: {e}");
-            glommio::timer::sleep(crate::shard::TICK).await;
-        }
-        if let Some(w) = core.state.borrow_mut().due.driver.take() {
-            w.wake();
-        }
+        let wake = || {
+            if let Some(w) = core.state.borrow_mut().due.driver.take() {
+                w.wake();
+            }
+        };
+        let e = uring::watch(event, wake).await;
+        tracing::error!(shard = core.id, "watching the device ring's eventfd failed: {e}");
+        glommio::timer::sleep(crate::shard::TICK).await;
     }
 }
 

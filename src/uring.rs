@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 const BUF_GROUP: u16 = 1;
 /// Receive buffers per shard. Device traffic is acks and pings (tens of bytes); when
 /// all are in use a socket's receive ends with `ENOBUFS` and is re-armed next round.
-const BUF_COUNT: u16 = 1024;
+pub const BUF_COUNT: u16 = 1024;
 /// Bytes per receive buffer.
 pub const BUF_SIZE: usize = 1024;
 /// Submission queue entries (the completion queue is four times larger).
@@ -95,12 +95,14 @@ fn decode(ud: u64, res: i32, flags: u32) -> Option<Completion> {
 /// A shard's device-socket ring with its receive buffers.
 pub struct SessionRing {
     ring: IoUring,
-    /// The provided-buffer ring (`BUF_COUNT` entries the kernel takes buffers from).
+    /// The provided-buffer ring (`buf_count` entries the kernel takes buffers from).
     entries: MmapMut,
     /// The receive buffers themselves, `BUF_SIZE` each.
     bufs: MmapMut,
     /// Our tail of the buffer ring (published to the kernel by [`Self::publish`]).
     tail: u16,
+    /// Receive buffers (a power of two).
+    buf_count: u16,
     event: OwnedFd,
 }
 
@@ -109,12 +111,20 @@ impl SessionRing {
     /// kernel's reason when io_uring or a needed feature (provided-buffer rings, Linux
     /// 5.19; multishot receive, Linux 6.0) is missing.
     pub fn new() -> io::Result<Self> {
+        Self::with_buffers(BUF_COUNT)
+    }
+
+    /// [`Self::new`] with `buf_count` receive buffers (a power of two, at most 32768).
+    pub fn with_buffers(buf_count: u16) -> io::Result<Self> {
+        if !buf_count.is_power_of_two() || buf_count > 1 << 15 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "buffer count must be a power of two ≤ 32768"));
+        }
         let ring = IoUring::builder().setup_cqsize(SQ_ENTRIES * 4).setup_coop_taskrun().build(SQ_ENTRIES)?;
-        let entries_len = BUF_COUNT as usize * std::mem::size_of::<types::BufRingEntry>();
+        let entries_len = buf_count as usize * std::mem::size_of::<types::BufRingEntry>();
         // Anonymous mappings are page-aligned, as the kernel requires; populated so the
         // fixed cost shows at start rather than as per-session growth.
         let entries = MmapOptions::new().len(entries_len).populate().map_anon()?;
-        let bufs = MmapOptions::new().len(BUF_COUNT as usize * BUF_SIZE).populate().map_anon()?;
+        let bufs = MmapOptions::new().len(buf_count as usize * BUF_SIZE).populate().map_anon()?;
         // SAFETY: plain syscall; the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -122,14 +132,14 @@ impl SessionRing {
         }
         // SAFETY: efd is a fresh descriptor we own.
         let event = unsafe { OwnedFd::from_raw_fd(efd) };
-        let mut r = SessionRing { ring, entries, bufs, tail: 0, event };
-        // SAFETY: the entries mapping is page-aligned, BUF_COUNT entries long, and lives
+        let mut r = SessionRing { ring, entries, bufs, tail: 0, buf_count, event };
+        // SAFETY: the entries mapping is page-aligned, buf_count entries long, and lives
         // as long as the ring (both are dropped together; the ring first).
         unsafe {
-            r.ring.submitter().register_buf_ring_with_flags(r.entries.as_ptr() as u64, BUF_COUNT, BUF_GROUP, 0)?;
+            r.ring.submitter().register_buf_ring_with_flags(r.entries.as_ptr() as u64, buf_count, BUF_GROUP, 0)?;
         }
         r.ring.submitter().register_eventfd(efd)?;
-        for bid in 0..BUF_COUNT {
+        for bid in 0..buf_count {
             r.recycle(bid);
         }
         r.publish();
@@ -254,8 +264,8 @@ impl SessionRing {
     /// Gives buffer `bid` back to the kernel (visible after [`Self::publish`]).
     pub fn recycle(&mut self, bid: u16) {
         let base = self.entries.as_mut_ptr() as *mut types::BufRingEntry;
-        let slot = (self.tail & (BUF_COUNT - 1)) as usize;
-        // SAFETY: slot < BUF_COUNT, inside the entries mapping.
+        let slot = (self.tail & (self.buf_count - 1)) as usize;
+        // SAFETY: slot < buf_count, inside the entries mapping.
         let e = unsafe { &mut *base.add(slot) };
         e.set_addr(self.bufs.as_ptr() as u64 + (bid as usize * BUF_SIZE) as u64);
         e.set_len(BUF_SIZE as u32);
@@ -269,6 +279,26 @@ impl SessionRing {
         // SAFETY: the tail field of the first entry, which the kernel reads atomically.
         let tail = unsafe { &*(types::BufRingEntry::tail(base) as *const AtomicU16) };
         tail.store(self.tail, Ordering::Release);
+    }
+}
+
+/// Calls `wake` each time the ring behind `event` (its eventfd, see
+/// [`SessionRing::eventfd`]) posts completions, reading the eventfd through glommio's
+/// reactor so the thread sleeps in one place. Returns only the error that stopped it
+/// (the caller decides whether to watch again).
+pub async fn watch(event: RawFd, wake: impl Fn()) -> io::Error {
+    // SAFETY: dup returns a new descriptor we own, or -1 which is checked.
+    let fd = unsafe { libc::dup(event) };
+    if fd < 0 {
+        return io::Error::last_os_error();
+    }
+    // SAFETY: fd is a fresh eventfd descriptor; the file owns it from here.
+    let file = unsafe { glommio::io::BufferedFile::from_raw_fd(fd) };
+    loop {
+        if let Err(e) = file.read_at(0, 8).await {
+            return e.into();
+        }
+        wake();
     }
 }
 
