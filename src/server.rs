@@ -353,13 +353,19 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
     let table = glommio::executor()
         .spawn_blocking(move || crate::devices::DeviceTable::open(&d, sopts, apps, topts, now))
         .await;
-    let table = match table {
+    let mut table = match table {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(shard = id, "cannot open the store in {}: {e}", dir.display());
             return;
         }
     };
+    // Replies wait for a flush unless durability is `memory`: only then must every
+    // append reach the page cache at once; otherwise a flush writes what was staged.
+    if let Err(e) = table.store.stage_writes(core.needs_flush()) {
+        tracing::error!(shard = id, "cannot set up the store in {}: {e}", dir.display());
+        return;
+    }
     let r = &table.store.report;
     tracing::info!(
         shard = id,

@@ -584,6 +584,15 @@ fn round(core: &Rc<ShardCore>, sc: &mut DriverScratch) {
     arena.clear();
     {
         let st = &mut *core.state.borrow_mut();
+        // A message goes to a device only once its record is in the segment file (the
+        // page cache): a killed process then still knows every seq a device has seen,
+        // and never hands the same seq to another message after a restart.
+        if !st.due.keys.is_empty() {
+            if let Err(e) = st.table.store.write_staged() {
+                st.table.stats.store_errors += 1;
+                tracing::error!(shard = core.id, "{e}");
+            }
+        }
         std::mem::swap(&mut sc.keys, &mut st.due.keys);
         let mut ring = core.ring.borrow_mut();
         for i in 0..sc.keys.len() {

@@ -447,15 +447,26 @@ impl ShardCore {
             if batched && !window.is_zero() {
                 glommio::timer::sleep(window).await;
             }
-            let (upto, files, dead) = {
+            let (upto, staged, dead) = {
                 let st = &mut *self.state.borrow_mut();
                 st.reclaim_due = false;
                 let dead = st.table.store.dead_segments();
-                let (upto, files) = st.table.store.flush_files();
-                (upto, files, dead)
+                // Writing the staged records failed: this flush covers, and fails,
+                // every push stored so far.
+                let upto = st.table.store.appended();
+                match st.table.store.flush_files() {
+                    Ok((upto, files)) => (upto, Ok(files), dead),
+                    Err(e) => (upto, Err(e.to_string()), Vec::new()),
+                }
             };
             let started = mono_us();
-            let res = glommio::executor().spawn_blocking(move || files.iter().try_for_each(|f| f.sync_data())).await;
+            let res = match staged {
+                Ok(files) => glommio::executor()
+                    .spawn_blocking(move || files.iter().try_for_each(|f| f.sync_data()))
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
             let ready: Vec<Reply> = {
                 let st = &mut *self.state.borrow_mut();
                 st.flush_lat.record(mono_us().saturating_sub(started));

@@ -16,19 +16,33 @@
 //! | 9 | 3 zero bytes |
 //! | 12 | body, then zero padding to a multiple of 8 |
 //!
-//! A new segment is preallocated (`posix_fallocate`) to its full size, so writing
-//! through the mapping can never hit a missing block (SIGBUS) when the disk fills:
-//! a full disk shows up when the next segment cannot be allocated, as
-//! [`StoreError::Full`]. Unwritten space reads as zeros; an all-zero record header
-//! ends the log. A sealed segment is truncated to what it holds.
+//! A new segment is preallocated (`posix_fallocate`) to its full size, so a write can
+//! never find a missing block when the disk fills: a full disk shows up when the next
+//! segment cannot be allocated, as [`StoreError::Full`]. Unwritten space reads as
+//! zeros; an all-zero record header ends the log. A sealed segment is truncated to what
+//! it holds.
 //!
-//! Writes through a shared mapping sit in the page cache, so a killed process loses
-//! nothing; [`Store::flush_files`] hands out the files `fdatasync` must reach for a
-//! power loss to lose nothing either (the durability policy decides when).
+//! ## Writes and reads
+//! Every segment is mapped read-only and read through the mapping; records are written
+//! with `pwrite`, never through the mapping, so its pages stay clean in the page tables:
+//! a flush does not have to write-protect them (a TLB-flush IPI per page on a
+//! multi-threaded process) and the next append does not fault them back in.
+//!
+//! - **Write-through** (the default): each append is written at once, so a killed
+//!   process loses nothing appended (what `durability = "memory"` promises).
+//! - **Staged** ([`Store::stage_writes`]): appends collect in a heap tail and reach the
+//!   file in one `pwrite` when a flush starts ([`Store::flush_files`]), when the tail
+//!   passes [`TAIL_MAX`], or when the segment is sealed. Reads of staged records come
+//!   from the tail. Nothing is acknowledged before the flush that writes it, so a
+//!   killed process loses only what no app was told was accepted.
+//!
+//! [`Store::flush_files`] then hands out the files `fdatasync` must reach for a power
+//! loss to lose nothing either (the durability policy decides when).
 
 use memmap2::{Mmap, MmapMut, MmapOptions};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -42,6 +56,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const SEG_HEADER: usize = 64;
 pub const REC_HEADER: usize = 12;
 const ALIGN: usize = 8;
+/// Staged bytes written out early, before the flush that would take them.
+pub const TAIL_MAX: usize = 1 << 20;
 
 pub const KIND_DEVICE: u8 = 1;
 pub const KIND_MESSAGE: u8 = 2;
@@ -99,8 +115,8 @@ pub struct StoreOptions {
 }
 
 enum Map {
-    /// The segment being appended to.
-    Active(MmapMut),
+    /// The segment being appended to, mapped read-only at its preallocated length.
+    Active(Mmap),
     /// A sealed segment, mapped read-only at its final length.
     Sealed(Mmap),
 }
@@ -108,8 +124,10 @@ enum Map {
 struct Segment {
     file: Arc<File>,
     map: Map,
-    /// Bytes written (header included): the append position of the active segment.
+    /// Bytes appended (header included): the append position of the active segment.
     len: usize,
+    /// Bytes in the file; `len - written` are staged in the store's tail.
+    written: usize,
     /// Bytes of records still retained.
     live: u64,
 }
@@ -117,7 +135,7 @@ struct Segment {
 impl Segment {
     fn bytes(&self) -> &[u8] {
         match &self.map {
-            Map::Active(m) => &m[..self.len],
+            Map::Active(m) => &m[..self.written],
             Map::Sealed(m) => &m[..self.len.min(m.len())],
         }
     }
@@ -173,6 +191,10 @@ pub struct Store {
     appended: u64,
     /// Segments written since the last flush began.
     dirty: Vec<u32>,
+    /// Staged records of the active segment, from its `written` offset on.
+    tail: Vec<u8>,
+    /// Whether appends are staged (see the module docs) or written through.
+    stage: bool,
     pub stats: StoreStats,
     pub report: RecoveryReport,
 }
@@ -444,6 +466,8 @@ impl Store {
             next_id: first_free.max(ids.last().map_or(1, |l| l + 1)),
             appended: 0,
             dirty: Vec::new(),
+            tail: Vec::new(),
+            stage: false,
             stats: StoreStats::default(),
             report: RecoveryReport::default(),
         };
@@ -521,7 +545,7 @@ impl Store {
         } else {
             map.make_read_only().map_err(|e| io_err("cannot map", &path, e))?
         };
-        self.segs.insert(id, Segment { file: Arc::new(file), map: Map::Sealed(map), len: end, live: 0 });
+        self.segs.insert(id, Segment { file: Arc::new(file), map: Map::Sealed(map), len: end, written: end, live: 0 });
         Ok(())
     }
 
@@ -536,6 +560,8 @@ impl Store {
             next_id: 1,
             appended: 0,
             dirty: Vec::new(),
+            tail: Vec::new(),
+            stage: false,
             stats: StoreStats::default(),
             report: RecoveryReport::default(),
         }
@@ -566,7 +592,9 @@ impl Store {
         if need > self.opts.segment_bytes - SEG_HEADER {
             return Err(StoreError::Io(format!("record of {need} bytes is larger than a segment")));
         }
-        if let Some(id) = self.active.take() {
+        if let Some(id) = self.active {
+            self.write_staged()?;
+            self.active = None;
             self.seal(id)?;
         }
         let sealed: u64 = self.segs.values().map(|s| s.len as u64).sum();
@@ -598,11 +626,14 @@ impl Store {
             }
             return Err(io_err("cannot allocate", &path, e));
         }
-        // SAFETY: the file is new and this shard's own.
-        let mut map = unsafe { MmapOptions::new().len(self.opts.segment_bytes).map_mut(&file) }
+        file.write_all_at(&seg_header(id), 0).map_err(|e| io_err("cannot write", &path, e))?;
+        // SAFETY: the file is new and this shard's own; it is written only with pwrite,
+        // which a shared mapping sees at once.
+        let map = unsafe { MmapOptions::new().len(self.opts.segment_bytes).map(&file) }
             .map_err(|e| io_err("cannot map", &path, e))?;
-        map[..SEG_HEADER].copy_from_slice(&seg_header(id));
-        self.segs.insert(id, Segment { file: Arc::new(file), map: Map::Active(map), len: SEG_HEADER, live: 0 });
+        let seg =
+            Segment { file: Arc::new(file), map: Map::Active(map), len: SEG_HEADER, written: SEG_HEADER, live: 0 };
+        self.segs.insert(id, seg);
         self.active = Some(id);
         self.dirty.push(id);
         Ok(())
@@ -631,18 +662,25 @@ impl Store {
             self.roll(size)?;
         }
         let id = self.active.expect("rolled");
-        let seg = self.segs.get_mut(&id).expect("active segment exists");
-        let Map::Active(map) = &mut seg.map else { unreachable!("the active segment is writable") };
-        let off = seg.len;
+        let off = self.segs[&id].len;
         let mut lk = [0u8; 8];
         lk[0..4].copy_from_slice(&(body as u32).to_le_bytes());
         lk[4] = kind;
         let crc = crc_of(&lk, &[head, payload]);
-        let b = off + REC_HEADER;
-        map[b..b + head.len()].copy_from_slice(head);
-        map[b + head.len()..b + body].copy_from_slice(payload);
-        map[off + 4..off + 12].copy_from_slice(&lk);
-        map[off..off + 4].copy_from_slice(&crc.to_le_bytes());
+        let before = self.tail.len();
+        self.tail.extend_from_slice(&crc.to_le_bytes());
+        self.tail.extend_from_slice(&lk);
+        self.tail.extend_from_slice(head);
+        self.tail.extend_from_slice(payload);
+        self.tail.resize(before + size, 0);
+        if !self.stage || self.tail.len() >= TAIL_MAX {
+            if let Err(e) = self.write_staged() {
+                // This record is not taken; staged ones before it wait for the next try.
+                self.tail.truncate(before);
+                return Err(e);
+            }
+        }
+        let seg = self.segs.get_mut(&id).expect("active segment exists");
         seg.len += size;
         seg.live += size as u64;
         self.appended += 1;
@@ -656,10 +694,21 @@ impl Store {
 
     /// The record at `l`, if it is there (it always is for a retained record).
     pub fn get(&self, l: Loc) -> Option<Record<'_>> {
+        let (data, at) = self.data_at(l)?;
+        let (kind, body, _) = parse_at(data, at)?;
+        Record::decode(kind, body)
+    }
+
+    /// The bytes holding the record at `l` and its offset in them: the mapping, or the
+    /// staged tail for a record of the active segment not written yet.
+    fn data_at(&self, l: Loc) -> Option<(&[u8], usize)> {
         let (id, off) = split(l);
         let seg = self.segs.get(&id)?;
-        let (kind, body, _) = parse_at(seg.bytes(), off)?;
-        Record::decode(kind, body)
+        if Some(id) == self.active && off >= seg.written {
+            Some((&self.tail, off - seg.written))
+        } else {
+            Some((seg.bytes(), off))
+        }
     }
 
     /// Calls `f` for every readable record of every segment, oldest first (damaged
@@ -669,6 +718,13 @@ impl Store {
             for step in (Scan { data: seg.bytes(), off: SEG_HEADER }) {
                 if let Step::Record { off, rec, .. } = step {
                     f(loc(*id, off), rec);
+                }
+            }
+            if Some(*id) == self.active {
+                for step in (Scan { data: &self.tail, off: 0 }) {
+                    if let Step::Record { off, rec, .. } = step {
+                        f(loc(*id, seg.written + off), rec);
+                    }
                 }
             }
         }
@@ -681,10 +737,9 @@ impl Store {
 
     /// Size on disk of the record at `l`.
     fn size_at(&self, l: Loc) -> Option<(u32, u64)> {
-        let (id, off) = split(l);
-        let data = self.segs.get(&id)?.bytes();
-        let len = u32::from_le_bytes(data.get(off + 4..off + 8)?.try_into().ok()?) as usize;
-        Some((id, record_size(len) as u64))
+        let (data, at) = self.data_at(l)?;
+        let len = u32::from_le_bytes(data.get(at + 4..at + 8)?.try_into().ok()?) as usize;
+        Some((split(l).0, record_size(len) as u64))
     }
 
     /// Counts a recovered record as still needed.
@@ -757,16 +812,46 @@ impl Store {
         Some((*id, locs))
     }
 
-    /// Starts a flush: the append count it covers and the files to `fdatasync`.
-    pub fn flush_files(&mut self) -> (u64, Vec<Arc<File>>) {
+    /// Stages appends (`true`) or writes each at once (`false`, the default); see the
+    /// module docs. Turning staging off writes what is staged.
+    pub fn stage_writes(&mut self, on: bool) -> Result<(), StoreError> {
+        self.stage = on;
+        if on {
+            Ok(())
+        } else {
+            self.write_staged()
+        }
+    }
+
+    /// Writes the staged tail to the active segment's file (one `pwrite`).
+    pub fn write_staged(&mut self) -> Result<(), StoreError> {
+        if self.tail.is_empty() {
+            return Ok(());
+        }
+        let id = self.active.expect("staged records belong to the active segment");
+        let seg = self.segs.get_mut(&id).expect("active segment exists");
+        if let Err(e) = seg.file.write_all_at(&self.tail, seg.written as u64) {
+            // Part of it may have landed: it is written again, whole, next time.
+            return Err(io_err("cannot write", &self.dir, e));
+        }
+        seg.written += self.tail.len();
+        self.tail.clear();
+        Ok(())
+    }
+
+    /// Starts a flush: writes what is staged, then returns the append count the flush
+    /// covers and the files to `fdatasync`. An error means nothing staged reached the
+    /// file: the flush fails, and the pushes waiting for it with it.
+    pub fn flush_files(&mut self) -> Result<(u64, Vec<Arc<File>>), StoreError> {
+        self.write_staged()?;
         let files = self.dirty.drain(..).filter_map(|id| self.segs.get(&id).map(|s| Arc::clone(&s.file))).collect();
         self.stats.flushes += 1;
-        (self.appended, files)
+        Ok((self.appended, files))
     }
 
     /// Flushes on this thread (tests, tools, shutdown).
     pub fn flush_now(&mut self) -> Result<u64, StoreError> {
-        let (upto, files) = self.flush_files();
+        let (upto, files) = self.flush_files()?;
         for f in files {
             f.sync_data().map_err(|e| io_err("cannot flush", &self.dir, e))?;
         }
@@ -824,6 +909,54 @@ mod tests {
         assert_eq!(got.iter().map(|(l, _)| *l).collect::<Vec<_>>(), locs);
         assert_eq!(got.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(), recs.map(|r| format!("{r:?}")));
         assert_eq!(report, RecoveryReport { segments: 1, records: 4, ..Default::default() });
+    }
+
+    #[test]
+    fn staged_records_read_back_before_the_flush_and_reach_the_file_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), opts(), |_, _| {}).unwrap();
+        s.stage_writes(true).unwrap();
+        let mut h = Vec::new();
+        // Enough records to roll segments of 4 KiB: sealing writes the staged tail.
+        let locs: Vec<Loc> = (1..=200).map(|i| s.append(&msg("d", i, b"payload!"), &mut h).unwrap()).collect();
+        assert!(s.segments() > 1, "the test must cross a segment boundary");
+        for (i, l) in locs.iter().enumerate() {
+            assert_eq!(s.get(*l), Some(msg("d", i as u64 + 1, b"payload!")), "record {i} before the flush");
+        }
+        let mut scanned = Vec::new();
+        s.scan(|l, _| scanned.push(l));
+        assert_eq!(scanned, locs, "scan sees written and staged records, in order");
+        // Staged records of the active segment are not in its file yet.
+        let active = s.active.unwrap();
+        let file_len = s.segs[&active].written;
+        assert!(file_len < s.segs[&active].len);
+        s.flush_now().unwrap();
+        assert_eq!(s.segs[&active].written, s.segs[&active].len);
+        drop(s);
+        assert_eq!(seqs(dir.path()), (1..=200).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_killed_process_loses_only_staged_records_and_nothing_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), opts(), |_, _| {}).unwrap();
+        let mut h = Vec::new();
+        s.append(&msg("d", 1, b"through"), &mut h).unwrap();
+        s.stage_writes(true).unwrap();
+        s.append(&msg("d", 2, b"flushed"), &mut h).unwrap();
+        s.flush_files().unwrap(); // written to the page cache; fdatasync is the flusher's
+        s.append(&msg("d", 3, b"staged"), &mut h).unwrap();
+        // A killed process: no flush, no drop-time writing.
+        std::mem::forget(s);
+        assert_eq!(seqs(dir.path()), [1, 2]);
+        // Turning staging off writes what is staged.
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), opts(), |_, _| {}).unwrap();
+        s.stage_writes(true).unwrap();
+        s.append(&msg("d", 7, b"staged"), &mut h).unwrap();
+        s.stage_writes(false).unwrap();
+        std::mem::forget(s);
+        assert_eq!(seqs(dir.path()), [7]);
     }
 
     #[test]

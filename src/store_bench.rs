@@ -60,6 +60,9 @@ fn append(
     flush_every: Option<Duration>,
 ) -> Result<(f64, u64), String> {
     let ids: Vec<String> = (0..devices).map(|i| format!("dev-{i:07}")).collect();
+    // As the server does: staged appends when a flush will write them, written through
+    // when nothing flushes (`memory`).
+    t.store.stage_writes(flush_every.is_some()).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let mut last_flush = Instant::now();
     let mut flushes = 0;

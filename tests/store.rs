@@ -303,3 +303,39 @@ fn every_durability_policy_accepts_and_keeps_pushes_across_a_restart() {
         });
     }
 }
+
+#[test]
+fn a_seq_a_device_was_shown_is_never_given_to_another_message_after_sigkill() {
+    // Delivery does not wait for the flush: with a long group commit the device gets
+    // the push, then the process dies before the flush and the app never hears
+    // ACCEPTED. Whatever the restarted box delivers under that seq must be the same
+    // message, or the device (which drops seqs it has seen) would lose the new one.
+    let config = "group_commit = \"1s\"";
+    let srv = Server::start(1, config);
+    let seen = std::cell::Cell::new(0);
+    run(|| async {
+        let mut dev = srv.device("seen").await;
+        let mut app = srv.app().await;
+        app.queue_push(PushTarget::Device("seen"), 0, b"first");
+        app.flush().await.unwrap();
+        let m = message(&mut dev).await;
+        assert_eq!(m.payload, b"first");
+        seen.set(m.seq);
+    });
+    let dir = srv.kill();
+    let srv = Server::launch(dir, 1, config).ready();
+    run(|| async {
+        let mut app = srv.app().await;
+        assert!(matches!(app.push(PushTarget::Device("seen"), 0, b"second").await.unwrap(), PushOutcome::Accepted(_)));
+        let mut dev = srv.device("seen").await;
+        loop {
+            let m = message(&mut dev).await;
+            if m.seq <= seen.get() {
+                assert_eq!((m.seq, m.payload.as_slice()), (seen.get(), &b"first"[..]), "a seen seq, another message");
+                continue;
+            }
+            assert_eq!(m.payload, b"second");
+            break;
+        }
+    });
+}
