@@ -33,6 +33,17 @@ fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+/// One blocking read, retried when a signal interrupts it (`EINTR`: std's `read` does
+/// not retry, and the test process gets signals from the executors and servers it runs).
+fn read_some(s: &mut std::net::TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Parses "[server preamble] ERROR" and returns the error code.
 fn error_code(reply: &[u8]) -> ErrorCode {
     let body = match Preamble::decode(reply) {
@@ -337,7 +348,7 @@ fn a_slow_device_does_not_stall_others_and_is_disconnected() {
     let mut total = 0usize;
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        match slow.read(&mut buf) {
+        match read_some(&mut slow, &mut buf) {
             Ok(0) => break,
             Ok(n) => total += n,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
@@ -376,7 +387,7 @@ fn a_device_that_stops_reading_gets_everything_in_order_when_it_resumes() {
     let mut pos = ringpush::protocol::PREAMBLE_LEN;
     let mut next = 0u32;
     while next < 300 {
-        let n = dev.read(&mut chunk).expect("the server kept the session while the device paused");
+        let n = read_some(&mut dev, &mut chunk).expect("the server kept the session while the device paused");
         assert!(n > 0, "connection closed after {next} messages");
         buf.extend_from_slice(&chunk[..n]);
         while let Some((frame, used)) = DeviceFrame::decode(&buf[pos.min(buf.len())..], &limits).unwrap() {
@@ -420,7 +431,7 @@ fn a_handshake_that_stalls_is_refused_after_the_timeout() {
     let mut chunk = [0u8; 4096];
     let limits = Limits::default();
     let message = loop {
-        let n = s.read(&mut chunk).expect("the server answers");
+        let n = read_some(&mut s, &mut chunk).expect("the server answers");
         assert!(n > 0, "closed: {got:?}");
         got.extend_from_slice(&chunk[..n]);
         let mut pos = ringpush::protocol::PREAMBLE_LEN.min(got.len());
