@@ -945,7 +945,6 @@ struct WorkerStats {
 }
 
 /// Where a worker's devices record what they receive.
-#[derive(Clone)]
 struct Received {
     stats: Rc<RefCell<WorkerStats>>,
     hist: Rc<RefCell<Histogram<u64>>>,
@@ -1002,20 +1001,20 @@ async fn with_retries<T, E: std::fmt::Display, F: std::future::Future<Output = R
     }
 }
 
-/// One ringpush device: connect (with retries), then receive and ack until closed.
+/// One ringpush device: connect (with retries), then hand the socket to the process's
+/// receive ring, which reads and acks until it closes.
 async fn ringpush_device(
     server: SocketAddr,
     secret: &str,
     i: usize,
     expiry: u64,
-    rx: &Received,
     receiver: &Receiver<Received>,
     permits: &RefCell<usize>,
 ) -> Result<(), String> {
     let id = format!("d{i}");
     let token = DeviceToken::mint(secret.as_bytes(), APP, &id, expiry);
     let dev = with_retries(permits, || DeviceClient::connect(server, APP, &id, token, 0)).await?;
-    rx.connected(permits);
+    receiver.sink().connected(permits);
     // From here the process's receive ring reads the socket: messages are handled in
     // place a received batch at a time, one ack decision per batch (cumulative, by
     // DEVICE_ACKS). What is unacked when the run ends stays on the server, as it would
@@ -1025,26 +1024,25 @@ async fn ringpush_device(
     Ok(())
 }
 
-/// One raw-limit receiver: fixed-size messages, no protocol.
+/// One raw-limit receiver: connect, then the receive ring counts fixed-size messages.
 async fn raw_device(
     server: SocketAddr,
     size: usize,
-    rx: &Received,
     receiver: &Receiver<Received>,
     permits: &RefCell<usize>,
 ) -> Result<(), String> {
     let stream = with_retries(permits, || glommio::net::TcpStream::connect(server)).await?;
-    rx.connected(permits);
+    receiver.sink().connected(permits);
     receiver.add(dup_socket(&stream).map_err(|e| e.to_string())?, Wire::Raw(size), &[]);
     Ok(())
 }
 
-/// One Redis or MQTT subscriber: its own channel/topic and `all`, receive until closed.
+/// One Redis or MQTT subscriber: its own channel/topic and `all`; once both are
+/// confirmed the receive ring reads it.
 async fn peer_device(
     system: System,
     server: SocketAddr,
     i: usize,
-    rx: &Received,
     receiver: &Receiver<Received>,
     permits: &RefCell<usize>,
 ) -> Result<(), String> {
@@ -1067,7 +1065,7 @@ async fn peer_device(
         while confirmations < 2 {
             read_packets(system, &mut stream, &mut buf, &mut |p| match p {
                 None => confirmations += 1,
-                Some(p) => rx.record(p, false),
+                Some(p) => receiver.sink().record(p, false),
             })
             .await?;
         }
@@ -1078,7 +1076,7 @@ async fn peer_device(
         *permits.borrow_mut() += 1;
         return Err(e);
     }
-    rx.connected(permits);
+    receiver.sink().connected(permits);
     let wire = if system == System::Redis { Wire::Redis } else { Wire::Mqtt };
     receiver.add(dup_socket(&stream).map_err(|e| e.to_string())?, wire, &buf);
     Ok(())
@@ -1148,16 +1146,14 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
                 glommio::timer::sleep(Duration::from_micros(200)).await;
             }
             *permits.borrow_mut() -= 1;
-            let (stats, hist, permits) = (Rc::clone(&stats), Rc::clone(&hist), Rc::clone(&permits));
-            let receiver = Rc::clone(&receiver);
+            let (stats, permits, receiver) = (Rc::clone(&stats), Rc::clone(&permits), Rc::clone(&receiver));
             let (server, secret, system, size) = (args.server, args.secret.clone(), args.system, args.payload);
             glommio::spawn_local(async move {
-                let received = Received { stats: Rc::clone(&stats), hist };
                 let r = &*receiver;
                 let connected = match system {
-                    System::Ringpush => ringpush_device(server, &secret, i, expiry, &received, r, &permits).await,
-                    System::Raw => raw_device(server, size, &received, r, &permits).await,
-                    peer => peer_device(peer, server, i, &received, r, &permits).await,
+                    System::Ringpush => ringpush_device(server, &secret, i, expiry, r, &permits).await,
+                    System::Raw => raw_device(server, size, r, &permits).await,
+                    peer => peer_device(peer, server, i, r, &permits).await,
                 };
                 if let Err(e) = connected {
                     if stats.borrow().failed == 0 {

@@ -74,6 +74,11 @@ impl<S: Sink + 'static> Receiver<S> {
         Ok(r)
     }
 
+    /// Where this receiver records messages.
+    pub fn sink(&self) -> &S {
+        &self.sink
+    }
+
     /// Takes over a connected socket: `leftover` are bytes already read from it.
     pub fn add(&self, fd: OwnedFd, wire: Wire, leftover: &[u8]) {
         let gen = self.next_gen.get().wrapping_add(1);

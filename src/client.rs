@@ -64,6 +64,13 @@ impl From<std::io::Error> for ClientError {
     }
 }
 
+/// An ERROR frame from the server.
+impl From<ringpush_protocol::ErrorFrame<'_>> for ClientError {
+    fn from(e: ringpush_protocol::ErrorFrame<'_>) -> Self {
+        ClientError::Server { code: e.code, message: e.message.into() }
+    }
+}
+
 impl From<glommio::GlommioError<()>> for ClientError {
     fn from(e: glommio::GlommioError<()>) -> Self {
         ClientError::Io(e.into())
@@ -285,9 +292,9 @@ impl Acker {
 
     /// Sends the cumulative ACK of both streams.
     pub async fn ack(&mut self, dev: &mut DeviceClient) -> Result<(), ClientError> {
-        self.unacked = 0;
-        self.since = None;
-        dev.ack_both(self.seq, self.bseq).await
+        let mut frame = Vec::with_capacity(32);
+        self.encode_ack(&mut frame);
+        dev.send_raw(&frame).await
     }
 }
 
@@ -344,9 +351,7 @@ impl DeviceClient {
         let (a, b) = conn.frame(device_len).await?;
         let welcome = match DeviceFrame::decode(&conn.buf[a..b], &conn.limits).map_err(ClientError::Protocol)? {
             Some((DeviceFrame::Welcome(w), _)) => w,
-            Some((DeviceFrame::Error(e), _)) => {
-                return Err(ClientError::Server { code: e.code, message: e.message.into() })
-            }
+            Some((DeviceFrame::Error(e), _)) => return Err(ClientError::from(e)),
             Some((f, _)) => {
                 return Err(ClientError::Server {
                     code: ErrorCode::UNEXPECTED_FRAME,
@@ -378,7 +383,7 @@ impl DeviceClient {
                 }
                 DeviceFrame::Pong(n) => return Ok(DeviceEvent::Pong(n)),
                 DeviceFrame::Bye(b) => return Ok(DeviceEvent::Bye(b.reason, b.redirect.to_string())),
-                DeviceFrame::Error(e) => return Err(ClientError::Server { code: e.code, message: e.message.into() }),
+                DeviceFrame::Error(e) => return Err(ClientError::from(e)),
                 DeviceFrame::Ping(n) => {
                     let mut o = Vec::new();
                     DeviceFrame::Pong(n).encode(&mut o);
@@ -425,9 +430,7 @@ impl DeviceClient {
                 Some((DeviceFrame::Ping(x), n)) => (Step::Ping(x), n),
                 Some((DeviceFrame::Pong(x), n)) => (Step::Done(DeviceEvent::Pong(x)), n),
                 Some((DeviceFrame::Bye(b), n)) => (Step::Done(DeviceEvent::Bye(b.reason, b.redirect.to_string())), n),
-                Some((DeviceFrame::Error(e), _)) => {
-                    return Err(ClientError::Server { code: e.code, message: e.message.into() })
-                }
+                Some((DeviceFrame::Error(e), _)) => return Err(ClientError::from(e)),
                 Some((other, _)) => {
                     return Err(ClientError::Server {
                         code: ErrorCode::UNEXPECTED_FRAME,
@@ -543,9 +546,7 @@ impl AppClient {
         let (a, b) = conn.frame(app_len).await?;
         let limits = match AppFrame::decode(&conn.buf[a..b], &conn.limits).map_err(ClientError::Protocol)? {
             Some((AppFrame::AuthOk(ok), _)) => Limits { max_frame: ok.max_frame, max_targets: ok.max_targets },
-            Some((AppFrame::Error(e), _)) => {
-                return Err(ClientError::Server { code: e.code, message: e.message.into() })
-            }
+            Some((AppFrame::Error(e), _)) => return Err(ClientError::from(e)),
             other => {
                 return Err(ClientError::Server {
                     code: ErrorCode::UNEXPECTED_FRAME,
@@ -620,7 +621,7 @@ impl AppClient {
             }
             AppFrame::Receipt(r) => AppReply::Receipt(r),
             AppFrame::Pong(n) => AppReply::Pong(n),
-            AppFrame::Error(e) => return Err(ClientError::Server { code: e.code, message: e.message.into() }),
+            AppFrame::Error(e) => return Err(ClientError::from(e)),
             other => {
                 return Err(ClientError::Server {
                     code: ErrorCode::UNEXPECTED_FRAME,
@@ -667,7 +668,6 @@ impl AppClient {
 mod tests {
     use super::*;
     use std::io::Read;
-    use std::os::fd::AsRawFd;
 
     #[test]
     fn a_connection_asks_for_fast_open_and_its_first_bytes_arrive_whole() {
@@ -679,16 +679,7 @@ mod tests {
         let (tfo, nodelay) = ex.run(async move {
             let (mut stream, sent) = connect_sending(addr, &first).unwrap();
             stream.write_all(&first[sent..]).await.unwrap();
-            let opt = |name| {
-                let mut v: i32 = -1;
-                let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-                // SAFETY: the stream's socket is open; `v` and `len` fit an int option.
-                let rc = unsafe {
-                    libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, name, (&mut v as *mut i32).cast(), &mut len)
-                };
-                assert_eq!(rc, 0);
-                v
-            };
+            let opt = |name| crate::server::int_opt(&stream, libc::IPPROTO_TCP, name);
             (opt(libc::TCP_FASTOPEN_CONNECT), opt(libc::TCP_NODELAY))
         });
         assert_eq!((tfo, nodelay), (1, 1));

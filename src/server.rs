@@ -103,6 +103,17 @@ pub(crate) fn set_int_opt(s: &impl AsRawFd, level: i32, name: i32, value: i32) -
     }
 }
 
+/// Reads an integer socket option (tests check what the listeners and clients set).
+#[cfg(test)]
+pub(crate) fn int_opt(s: &impl AsRawFd, level: i32, name: i32) -> i32 {
+    let mut v: i32 = -1;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: the descriptor is open; `v` and `len` are live and sized for an int option.
+    let rc = unsafe { libc::getsockopt(s.as_raw_fd(), level, name, (&mut v as *mut i32).cast(), &mut len) };
+    assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
+    v
+}
+
 /// One listener per shard on the same address: the first picks the port.
 fn listeners(addr: SocketAddr, n: usize, fastopen: u32) -> Result<(SocketAddr, Vec<OwnedFd>), String> {
     let first = listener(addr, true, fastopen).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -424,15 +435,6 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn int_opt(fd: &OwnedFd, level: i32, name: i32) -> i32 {
-        let mut v: i32 = -1;
-        let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-        // SAFETY: `fd` is open; `v` and `len` are live and sized for an int option.
-        let rc = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&mut v as *mut i32).cast(), &mut len) };
-        assert_eq!(rc, 0, "getsockopt: {}", std::io::Error::last_os_error());
-        v
-    }
 
     #[test]
     fn the_device_listeners_take_fast_open_and_the_others_do_not() {

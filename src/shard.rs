@@ -451,12 +451,11 @@ impl ShardCore {
                 let st = &mut *self.state.borrow_mut();
                 st.reclaim_due = false;
                 let dead = st.table.store.dead_segments();
-                // Writing the staged records failed: this flush covers, and fails,
-                // every push stored so far.
-                let upto = st.table.store.appended();
+                // The flush covers every push stored so far; if writing the staged
+                // records fails, it fails them all.
                 match st.table.store.flush_files() {
                     Ok((upto, files)) => (upto, Ok(files), dead),
-                    Err(e) => (upto, Err(e.to_string()), Vec::new()),
+                    Err(e) => (st.table.store.appended(), Err(e.to_string()), Vec::new()),
                 }
             };
             let started = mono_us();
