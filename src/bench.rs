@@ -1153,7 +1153,9 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
                 let connected = match system {
                     System::Ringpush => ringpush_device(server, &secret, i, expiry, r, &permits).await,
                     System::Raw => raw_device(server, size, r, &permits).await,
-                    peer => peer_device(peer, server, i, r, &permits).await,
+                    // Boxed: its read buffer would make every device's task (a raw or
+                    // ringpush one too) tens of KiB, copied when spawned.
+                    peer => Box::pin(peer_device(peer, server, i, r, &permits)).await,
                 };
                 if let Err(e) = connected {
                     if stats.borrow().failed == 0 {
