@@ -607,33 +607,55 @@ async fn push_ringpush(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSid
             },
             None => app.next_reply().await,
         };
-        match reply.map_err(|e| e.to_string())? {
-            AppReply::Push(id, outcome) => {
-                let target = inflight.remove(&id).ok_or("reply for an unknown request")?;
-                match outcome {
-                    PushOutcome::Accepted(_) => {
-                        out.accepted += 1;
-                        out.count(target);
-                        progress.show(out.accepted);
-                    }
-                    PushOutcome::Rejected(code, reason) => {
-                        out.rejected += 1;
-                        if out.rejected == 1 {
-                            eprintln!("ringpush bench: push rejected: {code}: {reason}");
-                        }
-                    }
-                    PushOutcome::Busy(ms) => {
-                        out.busy_retries += 1;
-                        retry.push(target);
-                        glommio::timer::sleep(Duration::from_millis(ms as u64)).await;
-                    }
-                }
-            }
-            other => return Err(format!("unexpected reply {other:?}")),
+        // Take every reply that arrived with this one before queueing more: the pushes
+        // they free go out in one write, as a pipelining app server would send them
+        // (the peers' pushers write 256 at a time), not one segment per reply.
+        let mut reply = Some(reply.map_err(|e| e.to_string())?);
+        let mut busy_ms = 0;
+        while let Some(r) = reply {
+            busy_ms = busy_ms.max(settle(r, &mut out, &mut inflight, &mut retry, &mut progress)?);
+            reply = app.try_reply().map_err(|e| e.to_string())?;
+        }
+        if busy_ms > 0 {
+            glommio::timer::sleep(Duration::from_millis(busy_ms as u64)).await;
         }
     }
     out.elapsed = start.elapsed();
     Ok(out)
+}
+
+/// Books one reply of the ringpush pusher; returns how long the server asked it to wait
+/// before retrying (0 unless BUSY).
+fn settle(
+    reply: AppReply,
+    out: &mut PushSide,
+    inflight: &mut HashMap<u64, Option<usize>>,
+    retry: &mut Vec<Option<usize>>,
+    progress: &mut Progress,
+) -> Result<u32, String> {
+    let AppReply::Push(id, outcome) = reply else {
+        return Err(format!("unexpected reply {reply:?}"));
+    };
+    let target = inflight.remove(&id).ok_or("reply for an unknown request")?;
+    match outcome {
+        PushOutcome::Accepted(_) => {
+            out.accepted += 1;
+            out.count(target);
+            progress.show(out.accepted);
+        }
+        PushOutcome::Rejected(code, reason) => {
+            out.rejected += 1;
+            if out.rejected == 1 {
+                eprintln!("ringpush bench: push rejected: {code}: {reason}");
+            }
+        }
+        PushOutcome::Busy(ms) => {
+            out.busy_retries += 1;
+            retry.push(target);
+            return Ok(ms);
+        }
+    }
+    Ok(0)
 }
 
 /// Runs `ringpush bench`: ringpush, then every `--compare` system; prints one table

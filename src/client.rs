@@ -197,15 +197,23 @@ impl Conn {
         decode: fn(&[u8], &Limits) -> Result<Option<usize>, DecodeError>,
     ) -> Result<(usize, usize), ClientError> {
         loop {
-            match decode(&self.buf[self.start..self.end], &self.limits).map_err(ClientError::Protocol)? {
-                Some(n) => {
-                    let s = self.start;
-                    self.start += n;
-                    return Ok((s, s + n));
-                }
-                None => self.fill().await?,
+            if let Some(range) = self.buffered(decode)? {
+                return Ok(range);
             }
+            self.fill().await?;
         }
+    }
+
+    /// The next whole frame already received, if any (no read); its byte range in `buf`.
+    fn buffered(
+        &mut self,
+        decode: fn(&[u8], &Limits) -> Result<Option<usize>, DecodeError>,
+    ) -> Result<Option<(usize, usize)>, ClientError> {
+        Ok(decode(&self.buf[self.start..self.end], &self.limits).map_err(ClientError::Protocol)?.map(|n| {
+            let s = self.start;
+            self.start += n;
+            (s, s + n)
+        }))
     }
 }
 
@@ -609,6 +617,21 @@ impl AppClient {
     /// The next reply. ERROR from the server is returned as `Err`.
     pub async fn next_reply(&mut self) -> Result<AppReply, ClientError> {
         let (a, b) = self.conn.frame(app_len).await?;
+        self.reply_at(a, b)
+    }
+
+    /// The next reply if one is already received whole, without reading the socket:
+    /// after [`AppClient::next_reply`], a pipelining client takes the rest of the batch
+    /// that arrived with it before queueing and flushing more (one write for the lot).
+    pub fn try_reply(&mut self) -> Result<Option<AppReply>, ClientError> {
+        match self.conn.buffered(app_len)? {
+            Some((a, b)) => self.reply_at(a, b).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Decodes the whole frame at `buf[a..b]` as a reply.
+    fn reply_at(&self, a: usize, b: usize) -> Result<AppReply, ClientError> {
         let frame = AppFrame::decode(&self.conn.buf[a..b], &self.conn.limits)
             .map_err(ClientError::Protocol)?
             .expect("whole frame")
@@ -687,6 +710,45 @@ mod tests {
         let mut got = vec![0u8; expect.len()];
         peer.read_exact(&mut got).unwrap();
         assert_eq!(got, expect);
+    }
+
+    #[test]
+    fn replies_that_arrived_together_are_taken_without_reading_again() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut peer, _) = listener.accept().unwrap();
+            let mut hello = [0u8; 512];
+            let _ = peer.read(&mut hello).unwrap();
+            let mut out = crate::session::server_preamble(Role::App).to_vec();
+            let ok = ringpush_protocol::app::AuthOk { max_frame: 1 << 16, max_targets: 100, server_time_ms: 1 };
+            AppFrame::AuthOk(ok).encode(&mut out);
+            peer.write_all(&out).unwrap();
+            // Once the client says so: two replies in one write, then silence. The
+            // client must not need a read for the second one.
+            peer.read_exact(&mut hello[..1]).unwrap();
+            out.clear();
+            AppFrame::Accepted { request_id: 1, push_id: 10 }.encode(&mut out);
+            AppFrame::Accepted { request_id: 2, push_id: 20 }.encode(&mut out);
+            peer.write_all(&out).unwrap();
+            let _ = peer.read(&mut hello);
+        });
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).make().unwrap();
+        let got = ex.run(async move {
+            let mut app = AppClient::connect(addr, "app", b"secret").await.unwrap();
+            assert!(app.try_reply().unwrap().is_none(), "nothing arrived yet");
+            app.queue_raw(b"!");
+            app.flush().await.unwrap();
+            let first = app.next_reply().await.unwrap();
+            let second = app.try_reply().unwrap();
+            let third = app.try_reply().unwrap();
+            (format!("{first:?}"), format!("{second:?}"), third.is_none())
+        });
+        assert_eq!(got.0, format!("{:?}", AppReply::Push(1, PushOutcome::Accepted(10))));
+        assert_eq!(got.1, format!("{:?}", Some(AppReply::Push(2, PushOutcome::Accepted(20)))));
+        assert!(got.2, "no third reply");
+        server.join().unwrap();
     }
 
     #[test]
