@@ -368,6 +368,19 @@ struct PushSide {
 }
 
 impl PushSide {
+    /// Adds what another connection of the same pusher saw.
+    fn merge(&mut self, o: PushSide) {
+        self.accepted += o.accepted;
+        self.rejected += o.rejected;
+        self.busy_retries += o.busy_retries;
+        self.elapsed = self.elapsed.max(o.elapsed);
+        self.broadcasts += o.broadcasts;
+        if self.hits.len() < o.hits.len() {
+            self.hits.resize(o.hits.len(), 0);
+        }
+        self.hits.iter_mut().zip(&o.hits).for_each(|(a, b)| *a += b);
+    }
+
     fn count(&mut self, target: Option<usize>) {
         match target {
             Some(i) => {
@@ -393,12 +406,19 @@ struct Progress {
     total: u64,
     on: bool,
     last: Instant,
+    /// Counted by [`Progress::advance`] (several connections share one bar).
+    done: u64,
 }
 
 impl Progress {
     fn new(label: &'static str, total: u64) -> Self {
         use std::io::IsTerminal;
-        Progress { label, total, on: std::io::stderr().is_terminal(), last: Instant::now() }
+        Progress { label, total, on: std::io::stderr().is_terminal(), last: Instant::now(), done: 0 }
+    }
+
+    fn advance(&mut self) {
+        self.done += 1;
+        self.show(self.done);
     }
 
     fn show(&mut self, done: u64) {
@@ -546,18 +566,71 @@ async fn push_peer(args: &BenchArgs, system: System, addr: SocketAddr) -> Result
     Ok(side)
 }
 
+/// Pushes to ringpush as a shard-aware app server would: unicast goes out on one
+/// connection per shard (each steered to its shard by source port), each carrying the
+/// pushes for the devices that shard owns, so no push crosses cores on the server.
+/// Messages, in-flight window and rate are split by each shard's share of the devices.
+/// Broadcasts (every shard takes part anyway) use one connection.
 async fn push_ringpush(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSide, String> {
-    let mut app = AppClient::connect(app_addr, APP, args.secret.as_bytes()).await.map_err(|e| e.to_string())?;
-    let names: Vec<String> = (0..args.devices).map(|i| format!("d{i}")).collect();
+    let secret = args.secret.as_bytes();
+    let first = AppClient::connect(app_addr, APP, secret).await.map_err(|e| e.to_string())?;
+    let progress = Rc::new(RefCell::new(Progress::new("ringpush", args.messages())));
+    let n = usize::from(first.shards.max(1));
+    if args.scenario == Scenario::Broadcast || n == 1 {
+        return push_ringpush_on(args, first, (0..args.devices).collect(), progress).await;
+    }
+    let mut owned: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for i in 0..args.devices {
+        owned[crate::routing::shard_for(APP, &format!("d{i}"), n)].push(i);
+    }
+    let owned: Vec<(usize, Vec<usize>)> = owned.into_iter().enumerate().filter(|(_, d)| !d.is_empty()).collect();
+    let (mut first, connections) = (Some(first), owned.len());
+    let (mut tasks, mut given) = (Vec::new(), 0u64);
+    for (k, (shard, devices)) in owned.into_iter().enumerate() {
+        let app = match first.take_if(|a| usize::from(a.shard) == shard) {
+            Some(a) => a,
+            None => AppClient::connect_to_shard(app_addr, APP, secret, shard as u16, n as u16)
+                .await
+                .map_err(|e| e.to_string())?,
+        };
+        let share = |v: u64| (v as f64 * devices.len() as f64 / args.devices as f64).round() as u64;
+        let mut a = args.clone();
+        // The last connection takes what rounding left over.
+        let messages = if k + 1 == connections {
+            args.messages() - given
+        } else {
+            share(args.messages()).min(args.messages() - given)
+        };
+        given += messages;
+        a.messages = Some(messages);
+        a.inflight = (share(args.inflight as u64) as usize).max(1);
+        a.rate = if args.rate > 0 { share(args.rate).max(1) } else { 0 };
+        let progress = Rc::clone(&progress);
+        tasks.push(glommio::spawn_local(async move { push_ringpush_on(&a, app, devices, progress).await }));
+    }
+    let mut out = PushSide::default();
+    for t in tasks {
+        out.merge(t.await?);
+    }
+    Ok(out)
+}
+
+/// One pusher connection: pushes to random devices among `devices` (or broadcasts).
+async fn push_ringpush_on(
+    args: &BenchArgs,
+    mut app: AppClient,
+    devices: Vec<usize>,
+    progress: Rc<RefCell<Progress>>,
+) -> Result<PushSide, String> {
+    let names: Vec<String> = devices.iter().map(|i| format!("d{i}")).collect();
     let mut payload = vec![0x2au8; args.payload.max(8)];
     let mut out = PushSide::default();
-    let mut progress = Progress::new("ringpush", args.messages());
     let mut inflight: HashMap<u64, Option<usize>> = HashMap::new();
     let mut retry: Vec<Option<usize>> = Vec::new();
     let mut queued = 0u64;
     let mut targets = Targets {
         rng: rand::random::<u64>() | 1,
-        devices: args.devices,
+        devices: devices.len(),
         broadcast: args.scenario == Scenario::Broadcast,
     };
     let start = Instant::now();
@@ -613,7 +686,7 @@ async fn push_ringpush(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSid
         let mut reply = Some(reply.map_err(|e| e.to_string())?);
         let mut busy_ms = 0;
         while let Some(r) = reply {
-            busy_ms = busy_ms.max(settle(r, &mut out, &mut inflight, &mut retry, &mut progress)?);
+            busy_ms = busy_ms.max(settle(r, &devices, &mut out, &mut inflight, &mut retry, &progress)?);
             reply = app.try_reply().map_err(|e| e.to_string())?;
         }
         if busy_ms > 0 {
@@ -626,12 +699,14 @@ async fn push_ringpush(args: &BenchArgs, app_addr: SocketAddr) -> Result<PushSid
 
 /// Books one reply of the ringpush pusher; returns how long the server asked it to wait
 /// before retrying (0 unless BUSY).
+/// Targets are positions in `devices`.
 fn settle(
     reply: AppReply,
+    devices: &[usize],
     out: &mut PushSide,
     inflight: &mut HashMap<u64, Option<usize>>,
     retry: &mut Vec<Option<usize>>,
-    progress: &mut Progress,
+    progress: &RefCell<Progress>,
 ) -> Result<u32, String> {
     let AppReply::Push(id, outcome) = reply else {
         return Err(format!("unexpected reply {reply:?}"));
@@ -640,8 +715,8 @@ fn settle(
     match outcome {
         PushOutcome::Accepted(_) => {
             out.accepted += 1;
-            out.count(target);
-            progress.show(out.accepted);
+            out.count(target.map(|i| devices[i]));
+            progress.borrow_mut().advance();
         }
         PushOutcome::Rejected(code, reason) => {
             out.rejected += 1;

@@ -86,9 +86,18 @@ pub fn unix_ms() -> u64 {
 /// SYN and the handshake saves a round trip; otherwise the kernel asks for a cookie and
 /// sends `first` after the usual three-way handshake. Returns the stream and how many
 /// bytes of `first` are already on their way (the caller writes the rest).
-fn connect_sending(addr: SocketAddr, first: &[u8]) -> std::io::Result<(TcpStream, usize)> {
+/// With `local_port`, the connection leaves from that port (see
+/// [`AppClient::connect_to_shard`]).
+fn connect_sending(addr: SocketAddr, first: &[u8], local_port: Option<u16>) -> std::io::Result<(TcpStream, usize)> {
     let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     s.set_nodelay(true)?;
+    if let Some(port) = local_port {
+        let any: SocketAddr = match addr {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, port).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, port).into(),
+        };
+        s.bind(&any.into())?;
+    }
     // Without it (a kernel that lacks it) the connect below is an ordinary one.
     let fastopen = crate::server::set_int_opt(&s, libc::IPPROTO_TCP, libc::TCP_FASTOPEN_CONNECT, 1).is_ok();
     s.set_nonblocking(true)?;
@@ -139,14 +148,19 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(addr: impl ToSocketAddrs, role: Role, first: &[u8]) -> Result<Conn, ClientError> {
+    async fn open(
+        addr: impl ToSocketAddrs,
+        role: Role,
+        first: &[u8],
+        local_port: Option<u16>,
+    ) -> Result<Conn, ClientError> {
         let addr = addr
             .to_socket_addrs()?
             .next()
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))?;
         let mut hello = Preamble::client(role).encode().to_vec();
         hello.extend_from_slice(first);
-        let (mut stream, sent) = connect_sending(addr, &hello)?;
+        let (mut stream, sent) = connect_sending(addr, &hello, local_port)?;
         stream.write_all(&hello[sent..]).await?;
         let mut c = Conn {
             stream,
@@ -355,7 +369,7 @@ impl DeviceClient {
             capabilities: 0,
         })
         .encode(&mut hello);
-        let mut conn = Conn::open(addr, Role::Device, &hello).await?;
+        let mut conn = Conn::open(addr, Role::Device, &hello, None).await?;
         let (a, b) = conn.frame(device_len).await?;
         let welcome = match DeviceFrame::decode(&conn.buf[a..b], &conn.limits).map_err(ClientError::Protocol)? {
             Some((DeviceFrame::Welcome(w), _)) => w,
@@ -542,18 +556,67 @@ pub struct AppClient {
     app: String,
     secret: Vec<u8>,
     pub limits: Limits,
+    /// The shard holding this connection, and how many the server runs (AUTH_OK).
+    pub shard: u16,
+    pub shards: u16,
 }
 
 impl AppClient {
     pub async fn connect(addr: impl ToSocketAddrs, app: &str, secret: &[u8]) -> Result<AppClient, ClientError> {
+        Self::open(addr, app, secret, None).await
+    }
+
+    /// Connects so that shard `shard` of `shards` (from an earlier connection's AUTH_OK)
+    /// holds the connection: the server steers app connections by source port
+    /// (`port % shards`), so this picks a free local port of that residue. Pushes sent
+    /// here for devices that shard owns (`routing::shard_for`) stay on its core. Where
+    /// steering is lost on the way (a NAT rewriting ports) the connection works all
+    /// the same, on the shard that `self.shard` names.
+    pub async fn connect_to_shard(
+        addr: impl ToSocketAddrs,
+        app: &str,
+        secret: &[u8],
+        shard: u16,
+        shards: u16,
+    ) -> Result<AppClient, ClientError> {
+        let addr = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))?;
+        let shards = u32::from(shards.max(1));
+        let mut last = None;
+        for _ in 0..64 {
+            // A random port of the right residue in the usual ephemeral range.
+            let base = 32_768 + rand::random::<u32>() % 28_000;
+            let Ok(port) = u16::try_from(base - base % shards + u32::from(shard) % shards) else {
+                continue;
+            };
+            match Self::open(addr, app, secret, Some(port)).await {
+                Err(ClientError::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable) =>
+                {
+                    last = Some(e)
+                }
+                other => return other,
+            }
+        }
+        Err(ClientError::Io(last.unwrap_or_else(|| std::io::Error::other("no local port of the shard's residue"))))
+    }
+
+    async fn open(
+        addr: impl ToSocketAddrs,
+        app: &str,
+        secret: &[u8],
+        local_port: Option<u16>,
+    ) -> Result<AppClient, ClientError> {
         let ts = unix_ms();
         let mut auth = Vec::with_capacity(128);
         AppFrame::Auth(Auth { app_id: app, timestamp_ms: ts, proof: token::auth_proof(secret, app, ts) })
             .encode(&mut auth);
-        let mut conn = Conn::open(addr, Role::App, &auth).await?;
+        let mut conn = Conn::open(addr, Role::App, &auth, local_port).await?;
         let (a, b) = conn.frame(app_len).await?;
-        let limits = match AppFrame::decode(&conn.buf[a..b], &conn.limits).map_err(ClientError::Protocol)? {
-            Some((AppFrame::AuthOk(ok), _)) => Limits { max_frame: ok.max_frame, max_targets: ok.max_targets },
+        let ok = match AppFrame::decode(&conn.buf[a..b], &conn.limits).map_err(ClientError::Protocol)? {
+            Some((AppFrame::AuthOk(ok), _)) => ok,
             Some((AppFrame::Error(e), _)) => return Err(ClientError::from(e)),
             other => {
                 return Err(ClientError::Server {
@@ -568,7 +631,9 @@ impl AppClient {
             next_request: 1,
             app: app.to_string(),
             secret: secret.to_vec(),
-            limits,
+            limits: Limits { max_frame: ok.max_frame, max_targets: ok.max_targets },
+            shard: ok.shard,
+            shards: ok.shards,
         })
     }
 
@@ -700,7 +765,7 @@ mod tests {
         let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).make().unwrap();
         let expect = first.clone();
         let (tfo, nodelay) = ex.run(async move {
-            let (mut stream, sent) = connect_sending(addr, &first).unwrap();
+            let (mut stream, sent) = connect_sending(addr, &first, None).unwrap();
             stream.write_all(&first[sent..]).await.unwrap();
             let opt = |name| crate::server::int_opt(&stream, libc::IPPROTO_TCP, name);
             (opt(libc::TCP_FASTOPEN_CONNECT), opt(libc::TCP_NODELAY))
@@ -722,7 +787,13 @@ mod tests {
             let mut hello = [0u8; 512];
             let _ = peer.read(&mut hello).unwrap();
             let mut out = crate::session::server_preamble(Role::App).to_vec();
-            let ok = ringpush_protocol::app::AuthOk { max_frame: 1 << 16, max_targets: 100, server_time_ms: 1 };
+            let ok = ringpush_protocol::app::AuthOk {
+                max_frame: 1 << 16,
+                max_targets: 100,
+                server_time_ms: 1,
+                shard: 0,
+                shards: 1,
+            };
             AppFrame::AuthOk(ok).encode(&mut out);
             peer.write_all(&out).unwrap();
             // Once the client says so: two replies in one write, then silence. The

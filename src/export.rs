@@ -16,6 +16,10 @@ fn describe() {
     c("ringpush_device_connections_accepted_total", "Device TCP connections accepted.");
     c("ringpush_handshakes_total", "Device handshakes, by result.");
     c("ringpush_handoffs_total", "Device connections handed from the accepting shard to the owner shard.");
+    c(
+        "ringpush_pushes_forwarded_total",
+        "Unicast and list pushes (or shares) sent on to the shard owning the devices.",
+    );
     c("ringpush_sessions_closed_total", "Device sessions ended, for any reason.");
     c("ringpush_device_disconnects_total", "Device sessions closed by the server, by reason.");
     c("ringpush_app_connections_accepted_total", "App connections authenticated.");

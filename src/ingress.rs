@@ -105,6 +105,8 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
             max_frame: limits.max_frame,
             max_targets: limits.max_targets,
             server_time_ms: core.now_ms(),
+            shard: core.id as u16,
+            shards: core.shared.shards as u16,
         })
         .encode(&mut out);
         st.apps.insert(AppConn {
@@ -318,12 +320,21 @@ fn handle_push(core: &Rc<ShardCore>, key: usize, p: &Push<'_>) {
             }
             continue;
         };
+        let forwarded = || {
+            if kind != PushKind::Broadcast {
+                core.state.borrow_mut().stats.pushes_forwarded += 1;
+            }
+        };
         match tx.try_send(Request::Push(req)) {
-            Ok(()) => pending.remaining += 1,
+            Ok(()) => {
+                forwarded();
+                pending.remaining += 1;
+            }
             Err(GlommioError::WouldBlock(ResourceType::Channel(req))) => {
                 if i == 0 {
                     return push_reply(core, key, kind, started_us, busy(p.request_id));
                 }
+                forwarded();
                 pending.remaining += 1;
                 let (tx, c, request_id) = (Rc::clone(tx), Rc::clone(core), p.request_id);
                 glommio::spawn_local(async move {

@@ -130,6 +130,55 @@ fn listeners(addr: SocketAddr, n: usize, fastopen: u32) -> Result<(SocketAddr, V
     Ok((bound, fds))
 }
 
+/// Makes the kernel hand each new connection of `listener`'s SO_REUSEPORT group to the
+/// socket at index `source port % n`, which is shard `source port % n`'s (the group
+/// keeps its sockets in the order they started listening: [`listeners`] makes shard
+/// 0's first). A shard-aware app picks its local port to reach the shard that owns its
+/// devices (see "Shard-aware apps" in docs/protocol.md). A classic BPF program, so no
+/// privilege is needed; a packet that is not IPv4 or IPv6 falls back to the kernel's
+/// hash (an index out of range).
+pub(crate) fn steer_by_source_port(listener: &impl AsRawFd, n: usize) -> std::io::Result<()> {
+    use libc::{BPF_A, BPF_ABS, BPF_ALU, BPF_B, BPF_H, BPF_IND, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_LDX};
+    use libc::{BPF_MOD, BPF_MSH, BPF_RET, BPF_RSH};
+    const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+    // Loads at this offset and beyond read the IP header, wherever the packet's data
+    // pointer is (for a reuseport program, past the TCP header).
+    const NET: u32 = libc::SKF_NET_OFF as u32;
+    let stmt = |code: u32, k: u32| libc::sock_filter { code: code as u16, jt: 0, jf: 0, k };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter { code: code as u16, jt, jf, k };
+    let n = n as u32;
+    let prog = [
+        stmt(BPF_LD | BPF_B | BPF_ABS, NET),      // 0: A = first byte of the IP header
+        stmt(BPF_ALU | BPF_RSH | BPF_K, 4),       // 1: A = IP version
+        jump(BPF_JMP | BPF_JEQ | BPF_K, 4, 0, 4), // 2: IPv4: 3, else 7
+        stmt(BPF_LDX | BPF_B | BPF_MSH, NET),     // 3: X = IPv4 header length
+        stmt(BPF_LD | BPF_H | BPF_IND, NET),      // 4: A = TCP source port
+        stmt(BPF_ALU | BPF_MOD | BPF_K, n),       // 5
+        stmt(BPF_RET | BPF_A, 0),                 // 6: socket index
+        jump(BPF_JMP | BPF_JEQ | BPF_K, 6, 0, 3), // 7: IPv6: 8, else 11
+        stmt(BPF_LD | BPF_H | BPF_ABS, NET + 40), // 8: A = TCP source port
+        stmt(BPF_ALU | BPF_MOD | BPF_K, n),       // 9
+        stmt(BPF_RET | BPF_A, 0),                 // 10: socket index
+        stmt(BPF_RET | BPF_K, u32::MAX),          // 11: out of range: the kernel's hash
+    ];
+    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
+    // SAFETY: the descriptor is an open socket; `fprog` points at `prog`, alive for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Everything one shard's executor needs, all `Send`.
 struct ShardBoot {
     id: usize,
@@ -170,6 +219,13 @@ pub fn run_with_clock(
     }
     let (device_addr, device_fds) = listeners(cfg.device_listen, n, cfg.device_fastopen)?;
     let (app_addr, app_fds) = listeners(cfg.app_listen, n, 0)?;
+    if n > 1 {
+        // Without it the kernel's hash places app connections, and a push whose device
+        // another shard owns crosses cores, as for a client that is not shard-aware.
+        if let Err(e) = steer_by_source_port(&app_fds[0], n) {
+            tracing::warn!("app connections are not steered to shards by source port: {e}");
+        }
+    }
     let (http_addr, mut http_fd) = listeners(cfg.http_listen, 1, 0)?;
     let mut http_fd = http_fd.pop();
 
@@ -446,5 +502,41 @@ mod tests {
         }
         let (_, fds) = listeners("127.0.0.1:0".parse().unwrap(), 1, 0).unwrap();
         assert_eq!(int_opt(&fds[0], libc::IPPROTO_TCP, libc::TCP_FASTOPEN), 0);
+    }
+
+    /// Which of `fds` has a connection waiting (non-blocking accept on each).
+    fn accepted_by(fds: &[OwnedFd]) -> Vec<usize> {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut got = Vec::new();
+        for (i, fd) in fds.iter().enumerate() {
+            // SAFETY: accept(2) on an open listening socket; the result is closed at once.
+            let c = unsafe { libc::accept(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
+            if c >= 0 {
+                // SAFETY: `c` is a descriptor we own.
+                unsafe { libc::close(c) };
+                got.push(i);
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn app_connections_go_to_the_listener_their_source_port_names() {
+        for (host, any) in [("127.0.0.1:0", "0.0.0.0"), ("[::1]:0", "::")] {
+            let (addr, fds) = listeners(host.parse().unwrap(), 3, 0).unwrap();
+            steer_by_source_port(&fds[0], 3).unwrap();
+            for k in 0..9u16 {
+                let s = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+                // A port of residue k % 3 (a few tries: one may be taken).
+                let bound = (0..50u16).find(|t| {
+                    let port = 39_999 + t * 3 * 97 + k % 3;
+                    let local: SocketAddr = (any.parse::<std::net::IpAddr>().unwrap(), port).into();
+                    s.bind(&local.into()).is_ok()
+                });
+                assert!(bound.is_some(), "no free local port");
+                s.connect(&addr.into()).unwrap();
+                assert_eq!(accepted_by(&fds), vec![usize::from(k % 3)], "{host}, port residue {}", k % 3);
+            }
+        }
     }
 }

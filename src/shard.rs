@@ -171,6 +171,9 @@ pub struct ShardStats {
     pub handshakes_ok: u64,
     pub handshakes_failed: u64,
     pub handed_off: u64,
+    /// Unicast and list pushes (or their shares) sent on to the shard that owns the
+    /// devices: what a shard-aware app would have sent to that shard directly.
+    pub pushes_forwarded: u64,
     pub sessions_closed: u64,
     pub slow_disconnects: u64,
     pub idle_disconnects: u64,
@@ -199,6 +202,7 @@ impl ShardStats {
             ("ringpush_handshakes_total", vec![("result", "ok")], self.handshakes_ok),
             ("ringpush_handshakes_total", vec![("result", "failed")], self.handshakes_failed),
             ("ringpush_handoffs_total", vec![], self.handed_off),
+            ("ringpush_pushes_forwarded_total", vec![], self.pushes_forwarded),
             ("ringpush_sessions_closed_total", vec![], self.sessions_closed),
             ("ringpush_device_disconnects_total", vec![("reason", "slow_consumer")], self.slow_disconnects),
             ("ringpush_device_disconnects_total", vec![("reason", "idle_timeout")], self.idle_disconnects),

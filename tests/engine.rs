@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use ringpush::client::{AppReply, ClientError, DeviceClient, DeviceEvent, PushOutcome, PushTarget};
+use ringpush::client::{AppClient, AppReply, ClientError, DeviceClient, DeviceEvent, PushOutcome, PushTarget};
 use ringpush::protocol::device::{DeviceFrame, Hello};
 use ringpush::protocol::{ErrorCode, Limits, Preamble, Role};
 use std::collections::HashMap;
@@ -95,6 +95,44 @@ fn unicast_reaches_devices_on_every_shard_in_order() {
             }
             dev.ack(3).await.unwrap();
         }
+    });
+}
+
+#[test]
+fn a_shard_aware_app_lands_on_the_shard_it_asks_for_and_its_pushes_stay_there() {
+    let srv = Server::start(3, "");
+    run(|| async {
+        let first = srv.app().await;
+        assert_eq!(first.shards, 3);
+        assert!(first.shard < 3);
+        let mut apps = Vec::new();
+        for shard in [0u16, 1, 2, 2, 1, 0] {
+            let app = AppClient::connect_to_shard(srv.app, APP, SECRET.as_bytes(), shard, 3).await.unwrap();
+            assert_eq!(app.shard, shard, "the listener steers by source port");
+            apps.push(app);
+        }
+        apps.truncate(3);
+        // Each push on a connection its device's owner shard holds: taken there (the
+        // push id names the shard), delivered, never forwarded.
+        let ids: Vec<String> = (0..12).map(|i| format!("sa{i}")).collect();
+        let mut devs = Vec::new();
+        for id in &ids {
+            devs.push(srv.device(id).await);
+        }
+        for id in &ids {
+            let owner = ringpush::routing::shard_for(APP, id, 3);
+            let push_id = accepted(apps[owner].push(PushTarget::Device(id), 0, id.as_bytes()).await.unwrap());
+            assert_eq!(push_id >> 48, owner as u64);
+        }
+        for (id, dev) in ids.iter().zip(devs.iter_mut()) {
+            assert_eq!(message(dev).await.payload, id.as_bytes());
+        }
+        assert_eq!(metric_sum(srv.http, "ringpush_pushes_forwarded_total"), 0.0);
+        // On another shard's connection the push is forwarded, and delivered all the same.
+        let other = (ringpush::routing::shard_for(APP, &ids[0], 3) + 1) % 3;
+        accepted(apps[other].push(PushTarget::Device(&ids[0]), 0, b"again").await.unwrap());
+        assert_eq!(message(&mut devs[0]).await.payload, b"again");
+        assert_eq!(metric_sum(srv.http, "ringpush_pushes_forwarded_total"), 1.0);
     });
 }
 

@@ -54,6 +54,11 @@ pub struct AuthOk {
     pub max_frame: u32,
     pub max_targets: u16,
     pub server_time_ms: u64,
+    /// The shard that holds this connection, of `shards`: a client that sends each
+    /// push on a connection held by the target device's owner shard spares the server
+    /// a hop between cores (see "Shard-aware apps" in docs/protocol.md).
+    pub shard: u16,
+    pub shards: u16,
 }
 
 /// A multicast list, validated at decode time and iterated without allocation.
@@ -178,9 +183,13 @@ impl<'a> AppFrame<'a> {
         let mut r = Reader::new(body);
         let f = match ty {
             AUTH => AppFrame::Auth(Auth { app_id: r.id(MAX_APP_ID)?, timestamp_ms: r.u64()?, proof: r.array()? }),
-            AUTH_OK => {
-                AppFrame::AuthOk(AuthOk { max_frame: r.u32()?, max_targets: r.u16()?, server_time_ms: r.u64()? })
-            }
+            AUTH_OK => AppFrame::AuthOk(AuthOk {
+                max_frame: r.u32()?,
+                max_targets: r.u16()?,
+                server_time_ms: r.u64()?,
+                shard: r.u16()?,
+                shards: r.u16()?,
+            }),
             PUSH => {
                 let request_id = r.u64()?;
                 let ttl_secs = r.u32()?;
@@ -245,6 +254,8 @@ impl<'a> AppFrame<'a> {
                 out.extend_from_slice(&a.max_frame.to_be_bytes());
                 out.extend_from_slice(&a.max_targets.to_be_bytes());
                 put64(out, a.server_time_ms);
+                out.extend_from_slice(&a.shard.to_be_bytes());
+                out.extend_from_slice(&a.shards.to_be_bytes());
             }
             AppFrame::Push(p) => {
                 put64(out, p.request_id);

@@ -80,7 +80,13 @@ pub fn app_samples() -> Vec<(&'static str, AppFrame<'static>)> {
         ),
         (
             "app.auth_ok",
-            AppFrame::AuthOk(AuthOk { max_frame: 1_048_576, max_targets: 1000, server_time_ms: 1_800_000_000_000 }),
+            AppFrame::AuthOk(AuthOk {
+                max_frame: 1_048_576,
+                max_targets: 1000,
+                server_time_ms: 1_800_000_000_000,
+                shard: 1,
+                shards: 4,
+            }),
         ),
         (
             "app.push.device",
