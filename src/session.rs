@@ -576,6 +576,10 @@ async fn watch_ring(core: Rc<ShardCore>) {
 /// One round: handle completions, encode every due session's frames into the arena,
 /// send them all with one submission, and settle what each socket accepted.
 fn round(core: &Rc<ShardCore>, sc: &mut DriverScratch) {
+    // What completes while the round runs is seen by `drive` before it parks (it checks
+    // the queue after every round), so it need not signal the eventfd: that signal
+    // would wake the shard again for nothing, once per round with sends.
+    core.ring.borrow_mut().quiet(true);
     core.ring.borrow_mut().drain(&mut sc.cqes);
     reap(core, sc, &[]);
 
@@ -629,6 +633,7 @@ fn round(core: &Rc<ShardCore>, sc: &mut DriverScratch) {
 
     // Cancel before closing: the ring holds the sockets until its requests end.
     core.ring.borrow_mut().submit();
+    core.ring.borrow_mut().quiet(false);
     for (fd, graceful) in sc.ends.drain(..) {
         if graceful {
             // Boxed: rare, and the driver's own state stays small.

@@ -681,6 +681,14 @@ impl ShardCore {
     /// Periodic work: expiry, session deadlines, shutdown progress.
     pub fn tick(self: &Rc<Self>) {
         let now = self.now_ms();
+        // The session driver sees what completes during its rounds by itself (the
+        // eventfd is quiet then, see `session::round`); should a completion posted from
+        // another CPU slip past its last look, this is the latest it is picked up.
+        if self.ring.borrow_mut().has_completions() {
+            if let Some(w) = self.state.borrow_mut().due.driver.take() {
+                w.wake();
+            }
+        }
         crate::session::expire_handshakes(self, now);
         self.arm_accept();
         let mut fired = Vec::new();
