@@ -44,6 +44,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_placement_vectors_in_the_protocol_doc_hold() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/protocol.md")).unwrap();
+        let block = doc.split("```placement\n").nth(1).expect("a placement block").split("```").next().unwrap();
+        let mut n = 0;
+        for line in block.lines().filter(|l| !l.trim().is_empty()) {
+            let (lhs, want) = line.split_once('=').expect("`app device shards = shard`");
+            let f: Vec<&str> = lhs.split_whitespace().collect();
+            let (app, dev, shards) = (f[0], f[1], f[2].parse().unwrap());
+            assert_eq!(shard_for(app, dev, shards), want.trim().parse::<usize>().unwrap(), "{line}");
+            n += 1;
+        }
+        assert!(n >= 8, "only {n} placement vectors");
+        assert!(doc.contains(&format!("{:016x}", device_hash("demo", "dev-1"))));
+    }
+
+    #[test]
     fn golden_placement_never_changes() {
         // (device, shards) -> shard, for app "demo". Regenerating these is a breaking
         // change for every box with stored messages.
