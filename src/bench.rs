@@ -697,9 +697,8 @@ async fn push_ringpush_on(
     Ok(out)
 }
 
-/// Books one reply of the ringpush pusher; returns how long the server asked it to wait
-/// before retrying (0 unless BUSY).
-/// Targets are positions in `devices`.
+/// Books one reply of the ringpush pusher (its target a position in `devices`); returns
+/// how long the server asked it to wait before retrying (0 unless BUSY).
 fn settle(
     reply: AppReply,
     devices: &[usize],
