@@ -19,6 +19,25 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! An app that pushes a lot keeps one connection per shard and sends each unicast on
+//! the connection of the device's owner shard, so the server never moves it between
+//! cores ("Shard-aware apps" in docs/protocol.md):
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), ringpush::client::ClientError> {
+//! use ringpush::client::{AppClient, PushTarget};
+//! let (addr, secret) = ("127.0.0.1:7100", b"app-secret-0123456");
+//! let shards = AppClient::connect(addr, "demo", secret).await?.shards;
+//! let mut apps = Vec::new();
+//! for shard in 0..shards {
+//!     apps.push(AppClient::connect_to_shard(addr, "demo", secret, shard, shards).await?);
+//! }
+//! let device = "phone-1";
+//! let owner = ringpush::routing::shard_for("demo", device, usize::from(shards));
+//! apps[owner].push(PushTarget::Device(device), 0, b"hi").await?;
+//! # Ok(()) }
+//! ```
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
