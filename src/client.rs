@@ -139,6 +139,11 @@ fn connect_sending(addr: SocketAddr, first: &[u8], local_port: Option<u16>) -> s
     Ok((unsafe { TcpStream::from_raw_fd(s.into_raw_fd()) }, sent))
 }
 
+/// The first address `addr` resolves to.
+fn first_addr(addr: impl ToSocketAddrs) -> std::io::Result<SocketAddr> {
+    addr.to_socket_addrs()?.next().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))
+}
+
 /// A descriptor of its own for a glommio stream's socket (glommio streams cannot give
 /// theirs up): the socket stays open after the stream is dropped.
 pub fn dup_socket(stream: &TcpStream) -> std::io::Result<std::os::fd::OwnedFd> {
@@ -173,10 +178,7 @@ impl Conn {
         first: &[u8],
         local_port: Option<u16>,
     ) -> Result<Conn, ClientError> {
-        let addr = addr
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))?;
+        let addr = first_addr(addr)?;
         let mut hello = Preamble::client(role).encode().to_vec();
         hello.extend_from_slice(first);
         let (mut stream, sent) = connect_sending(addr, &hello, local_port)?;
@@ -598,10 +600,7 @@ impl AppClient {
         shard: u16,
         shards: u16,
     ) -> Result<AppClient, ClientError> {
-        let addr = addr
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address"))?;
+        let addr = first_addr(addr)?;
         let shards = u32::from(shards.max(1));
         let mut last = None;
         for _ in 0..64 {

@@ -86,14 +86,19 @@ fn listener(addr: SocketAddr, exclusive: bool, fastopen: u32) -> std::io::Result
 
 /// An integer socket option.
 pub(crate) fn set_int_opt(s: &impl AsRawFd, level: i32, name: i32, value: i32) -> std::io::Result<()> {
-    // SAFETY: the descriptor is open and the option value is a live c_int of the size given.
+    set_opt(s, level, name, &value)
+}
+
+/// A socket option whose value is `value`'s bytes.
+fn set_opt<T>(s: &impl AsRawFd, level: i32, name: i32, value: &T) -> std::io::Result<()> {
+    // SAFETY: the descriptor is open and the option value is a live T of the size given.
     let rc = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
             level,
             name,
-            (&value as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -161,22 +166,9 @@ pub(crate) fn steer_by_source_port(listener: &impl AsRawFd, n: usize) -> std::io
         stmt(BPF_RET | BPF_A, 0),                 // 10: socket index
         stmt(BPF_RET | BPF_K, u32::MAX),          // 11: out of range: the kernel's hash
     ];
+    // The kernel copies the program during the call; `prog` outlives it.
     let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
-    // SAFETY: the descriptor is an open socket; `fprog` points at `prog`, alive for the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            (&fprog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    set_opt(listener, libc::SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &fprog)
 }
 
 /// Everything one shard's executor needs, all `Send`.
