@@ -149,8 +149,21 @@ struct Spawned {
 }
 
 impl Spawned {
+    /// Starts a box on device and app ports outside the kernel's ephemeral range: the
+    /// storm scenario restarts it on the same ports, and in the moment between the two
+    /// any client connecting anywhere on this machine could take an ephemeral port
+    /// number as its source port and hold it (seen in CI: "Address already in use").
     fn start(shards: usize, set: &[String]) -> Result<Spawned, String> {
-        Self::start_at(shards, set, "127.0.0.1:0", "127.0.0.1:0")
+        let mut last = String::new();
+        for _ in 0..5 {
+            let (device, app) = (quiet_port()?, quiet_port()?);
+            match Self::start_at(shards, set, &format!("127.0.0.1:{device}"), &format!("127.0.0.1:{app}")) {
+                Ok(s) => return Ok(s),
+                // Taken by another box in between: pick again.
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// Starts a box on the given device and app addresses (a restart reuses them).
@@ -192,6 +205,25 @@ impl Spawned {
             }
         }
     }
+}
+
+/// A free port that no socket is given as its ephemeral source port: below the
+/// kernel's `ip_local_port_range` (above it when the range starts low).
+fn quiet_port() -> Result<u16, String> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut bounds = range.split_whitespace().filter_map(|v| v.parse::<u32>().ok());
+    let (lo, hi) = (bounds.next().unwrap_or(32_768), bounds.next().unwrap_or(60_999));
+    let (from, to) = if lo >= 2_048 { (1_024, lo) } else { (hi + 1, 65_536) };
+    if from >= to {
+        return Err(format!("no port outside the ephemeral range {lo}-{hi}"));
+    }
+    for _ in 0..100 {
+        let port = (from + rand::random::<u32>() % (to - from)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(format!("no free port in {from}-{}", to - 1))
 }
 
 impl Drop for Spawned {
@@ -1294,4 +1326,20 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
     });
     // The device tasks are still parked on their sockets: leave without waiting.
     std::process::exit(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spawned_box_gets_ports_no_client_is_given_as_its_source_port() {
+        let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let b: Vec<u16> = range.split_whitespace().map(|v| v.parse().unwrap()).collect();
+        for _ in 0..20 {
+            let p = quiet_port().unwrap();
+            assert!(p >= 1024 && !(b[0]..=b[1]).contains(&p), "{p} is in the ephemeral range {range}");
+            std::net::TcpListener::bind(("127.0.0.1", p)).expect("and it is free");
+        }
+    }
 }
