@@ -17,10 +17,8 @@
 //! device connects at once; a spawned box is then restarted on the same ports and every
 //! device connects again: handshakes/s both times).
 
-use crate::bench_rx::{Receiver, Sink, Wire};
-use crate::client::{
-    dup_socket, unix_ms, AckPolicy, Acker, AppClient, AppReply, DeviceClient, PushOutcome, PushTarget,
-};
+use crate::bench_rx::{Phase, Receiver, Sink, Wire};
+use crate::client::{dup_socket, unix_ms, AckPolicy, Acker, AppClient, AppReply, PushOutcome, PushTarget};
 use crate::peers::{self, Peer, System};
 use crate::raw::RawServer;
 use clap::{Args, ValueEnum};
@@ -1076,11 +1074,27 @@ struct WorkerStats {
 struct Received {
     stats: Rc<RefCell<WorkerStats>>,
     hist: Rc<RefCell<Histogram<u64>>>,
+    /// Connects that may start now (a device's permit comes back once it is connected
+    /// or has failed).
+    permits: Rc<RefCell<usize>>,
 }
 
 impl Sink for Received {
     fn record(&self, payload: &[u8], duplicate: bool) {
         Received::record(self, payload, duplicate);
+    }
+
+    fn connected(&self) {
+        Received::connected(self);
+    }
+
+    fn failed(&self, why: &str) {
+        *self.permits.borrow_mut() += 1;
+        let mut st = self.stats.borrow_mut();
+        if st.failed == 0 {
+            eprintln!("ringpush bench-worker: a device failed to connect: {why}");
+        }
+        st.failed += 1;
     }
 }
 
@@ -1101,8 +1115,8 @@ impl Received {
         *st.timeline.entry(now / 100_000).or_default() += 1;
     }
 
-    fn connected(&self, permits: &RefCell<usize>) {
-        *permits.borrow_mut() += 1;
+    fn connected(&self) {
+        *self.permits.borrow_mut() += 1;
         let mut st = self.stats.borrow_mut();
         st.connected += 1;
         st.last_connected_us = unix_us();
@@ -1129,8 +1143,12 @@ async fn with_retries<T, E: std::fmt::Display, F: std::future::Future<Output = R
     }
 }
 
-/// One ringpush device: connect (with retries), then hand the socket to the process's
-/// receive ring, which reads and acks until it closes.
+/// One ringpush device: connect sending preamble and HELLO (in the SYN, with Fast
+/// Open), with retries while the connect itself fails; the process's receive ring takes
+/// the socket at once and sees the WELCOME, then reads and acks until it closes:
+/// messages are handled in place a received batch at a time, one ack decision per batch
+/// (cumulative, by DEVICE_ACKS). What is unacked when the run ends stays on the server,
+/// as it would for a device that went away.
 async fn ringpush_device(
     server: SocketAddr,
     secret: &str,
@@ -1141,27 +1159,29 @@ async fn ringpush_device(
 ) -> Result<(), String> {
     let id = format!("d{i}");
     let token = DeviceToken::mint(secret.as_bytes(), APP, &id, expiry);
-    let dev = with_retries(permits, || DeviceClient::connect(server, APP, &id, token, 0)).await?;
-    receiver.sink().connected(permits);
-    // From here the process's receive ring reads the socket: messages are handled in
-    // place a received batch at a time, one ack decision per batch (cumulative, by
-    // DEVICE_ACKS). What is unacked when the run ends stays on the server, as it would
-    // for a device that went away.
-    let (fd, leftover) = dev.into_parts().map_err(|e| e.to_string())?;
-    receiver.add(fd, Wire::Ringpush(Acker::new(DEVICE_ACKS, 0, 0)), &leftover);
+    let hello = crate::client::hello_bytes(APP, &id, &token, 0, 0);
+    let (fd, sent) =
+        with_retries(permits, || std::future::ready(crate::client::open_sending(server, &hello, None))).await?;
+    let wire = Wire::Ringpush(Acker::new(DEVICE_ACKS, 0, 0));
+    receiver.open(fd, wire, Phase::Greeting { preamble: false }, &hello[sent..]);
     Ok(())
 }
 
-/// One raw-limit receiver: connect, then the receive ring counts fixed-size messages.
+/// One raw-limit receiver: a non-blocking connect (with retries while it fails at
+/// once); the receive ring sees it complete and then counts fixed-size messages.
 async fn raw_device(
     server: SocketAddr,
     size: usize,
     receiver: &Receiver<Received>,
     permits: &RefCell<usize>,
 ) -> Result<(), String> {
-    let stream = with_retries(permits, || glommio::net::TcpStream::connect(server)).await?;
-    receiver.sink().connected(permits);
-    receiver.add(dup_socket(&stream).map_err(|e| e.to_string())?, Wire::Raw(size), &[]);
+    let (fd, done) = with_retries(permits, || std::future::ready(crate::bench_rx::connect_raw(server))).await?;
+    if done {
+        receiver.sink().connected();
+        receiver.add(fd, Wire::Raw(size), &[]);
+    } else {
+        receiver.open(fd, Wire::Raw(size), Phase::Connecting, &[]);
+    }
     Ok(())
 }
 
@@ -1204,7 +1224,7 @@ async fn peer_device(
         *permits.borrow_mut() += 1;
         return Err(e);
     }
-    receiver.sink().connected(permits);
+    receiver.sink().connected();
     let wire = if system == System::Redis { Wire::Redis } else { Wire::Mqtt };
     receiver.add(dup_socket(&stream).map_err(|e| e.to_string())?, wire, &buf);
     Ok(())
@@ -1261,7 +1281,8 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
         let hist = Rc::new(RefCell::new(new_hist()));
         let expiry = unix_ms() / 1000 + 86_400;
         let permits = Rc::new(RefCell::new(args.concurrency.max(1)));
-        let receiver = match Receiver::start(Received { stats: Rc::clone(&stats), hist: Rc::clone(&hist) }) {
+        let sink = Received { stats: Rc::clone(&stats), hist: Rc::clone(&hist), permits: Rc::clone(&permits) };
+        let receiver = match Receiver::start(sink) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("ringpush bench-worker: cannot set up the receive ring: {e}");

@@ -11,9 +11,10 @@
 use crate::client::Acker;
 use crate::uring::{self, Completion, Op, SessionRing};
 use ringpush_protocol::device::{DeviceFrame, FLAG_BROADCAST};
-use ringpush_protocol::Limits;
+use ringpush_protocol::{Limits, Preamble, PREAMBLE_LEN};
 use slab::Slab;
 use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
@@ -22,10 +23,26 @@ use std::task::{Poll, Waker};
 /// its devices at once, so more than a server shard needs for acks and pings.
 const BUFFERS: u16 = 8192;
 
-/// Where received messages are counted.
+/// Where received messages and finished handshakes are counted.
 pub trait Sink {
     /// One message's payload, and whether it was delivered before (a duplicate).
     fn record(&self, payload: &[u8], duplicate: bool);
+    /// A socket given to [`Receiver::open`] finished its handshake.
+    fn connected(&self);
+    /// A socket given to [`Receiver::open`] ended before its handshake finished.
+    fn failed(&self, why: &str);
+}
+
+/// Where a socket is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Its TCP connect is in progress: connected once the socket turns writable.
+    Connecting,
+    /// A ringpush device waiting for the server's preamble (`preamble`: already read)
+    /// and WELCOME.
+    Greeting { preamble: bool },
+    /// Connected: messages flow.
+    Live,
 }
 
 /// The protocol spoken on a socket.
@@ -44,6 +61,9 @@ struct Socket {
     fd: OwnedFd,
     gen: u32,
     wire: Wire,
+    phase: Phase,
+    /// A wait for POLLOUT is armed.
+    writable: bool,
     /// The start of a packet whose end has not arrived yet.
     partial: Vec<u8>,
     /// Bytes to write (acks, pongs) the socket has not taken yet.
@@ -81,18 +101,43 @@ impl<S: Sink + 'static> Receiver<S> {
 
     /// Takes over a connected socket: `leftover` are bytes already read from it.
     pub fn add(&self, fd: OwnedFd, wire: Wire, leftover: &[u8]) {
-        let gen = self.next_gen.get().wrapping_add(1);
-        self.next_gen.set(gen);
-        let raw = fd.as_raw_fd();
-        let mut sock = Socket { fd, gen, wire, partial: Vec::new(), out: Vec::new() };
+        let mut sock = self.socket(fd, wire, Phase::Live, &[]);
         if let Err(e) = feed(&mut sock, leftover, &self.sink) {
             eprintln!("ringpush bench-worker: {e}");
             return;
         }
         write_out(&mut sock);
+        self.arm(sock);
+    }
+
+    /// Takes over a socket whose connect was issued (non-blocking) and whose handshake
+    /// is still to come: `Phase::Connecting` (connected once writable) or
+    /// `Phase::Greeting` (connected at the WELCOME). `unsent` is what it still has to
+    /// send once writable (what did not ride in the SYN). The sink hears `connected`
+    /// or `failed` for it.
+    pub fn open(&self, fd: OwnedFd, wire: Wire, phase: Phase, unsent: &[u8]) {
+        let sock = self.socket(fd, wire, phase, unsent);
+        self.arm(sock);
+    }
+
+    fn socket(&self, fd: OwnedFd, wire: Wire, phase: Phase, unsent: &[u8]) -> Socket {
+        let gen = self.next_gen.get().wrapping_add(1);
+        self.next_gen.set(gen);
+        Socket { fd, gen, wire, phase, writable: false, partial: Vec::new(), out: unsent.to_vec() }
+    }
+
+    /// Arms the socket's receive, and its wait for POLLOUT when it is connecting or has
+    /// bytes the socket did not take.
+    fn arm(&self, mut sock: Socket) {
+        let raw = sock.fd.as_raw_fd();
+        sock.writable = sock.phase == Phase::Connecting || !sock.out.is_empty();
+        let (gen, writable) = (sock.gen, sock.writable);
         let key = self.socks.borrow_mut().insert(sock);
         let mut ring = self.ring.borrow_mut();
         ring.arm_recv(Op::Recv, raw, key, gen);
+        if writable {
+            ring.arm_writable(raw, key, gen);
+        }
         ring.submit();
     }
 
@@ -134,38 +179,72 @@ impl<S: Sink + 'static> Receiver<S> {
         let (mut recycled, mut submit) = (false, false);
         let mut rearm = Vec::new();
         for c in cqes.drain(..) {
-            if c.op != Op::Recv {
-                continue;
-            }
             let live = socks.get(c.key).is_some_and(|s| uring::gen24(s.gen) == c.gen);
-            let mut broken = false;
-            if let Some(bid) = c.buffer() {
-                if live && c.res > 0 {
-                    let s = &mut socks[c.key];
-                    match feed(s, ring.buffer(bid, c.res as usize), &self.sink) {
-                        Ok(()) => broken = !write_out(s),
-                        Err(e) => {
-                            eprintln!("ringpush bench-worker: {e}");
-                            broken = true;
+            // Why the socket ends now, if it does.
+            let mut end: Option<String> = None;
+            match c.op {
+                Op::Recv => {
+                    if let Some(bid) = c.buffer() {
+                        if live && c.res > 0 {
+                            let s = &mut socks[c.key];
+                            match feed(s, ring.buffer(bid, c.res as usize), &self.sink) {
+                                Ok(()) if !write_out(s) => end = Some("send failed".into()),
+                                Ok(()) => {}
+                                Err(e) => end = Some(e),
+                            }
+                        }
+                        ring.recycle(bid);
+                        recycled = true;
+                    }
+                    if !live {
+                        continue;
+                    }
+                    if end.is_none() && !c.more() {
+                        if c.res == -libc::ENOBUFS {
+                            rearm.push(c.key);
+                        } else if c.res < 0 {
+                            end = Some(std::io::Error::from_raw_os_error(-c.res).to_string());
+                        } else {
+                            end = Some("closed by the server".into()); // EOF: the connection is over
                         }
                     }
                 }
-                ring.recycle(bid);
-                recycled = true;
+                Op::Writable if live => {
+                    let s = &mut socks[c.key];
+                    s.writable = false;
+                    if c.res < 0 || c.res & (libc::POLLERR | libc::POLLHUP) as i32 != 0 {
+                        let err = socket2::SockRef::from(&s.fd).take_error().ok().flatten();
+                        end = Some(err.map_or_else(|| "connection failed".into(), |e| e.to_string()));
+                    } else {
+                        if s.phase == Phase::Connecting {
+                            s.phase = Phase::Live;
+                            self.sink.connected();
+                        }
+                        if !write_out(s) {
+                            end = Some("send failed".into());
+                        } else if !s.out.is_empty() {
+                            ring.arm_writable(s.fd.as_raw_fd(), c.key, s.gen);
+                            s.writable = true;
+                            submit = true;
+                        }
+                    }
+                }
+                _ => continue,
             }
-            if !live {
-                continue;
-            }
-            if broken {
-                // The receive may still be armed: cancel it; the socket closes with it.
-                ring.cancel_op(Op::Recv, c.key, c.gen);
-                socks.remove(c.key);
+            if let Some(why) = end {
+                let s = socks.remove(c.key);
+                // Requests still armed are cancelled; the socket closes with the last.
+                if c.op != Op::Recv || c.more() {
+                    ring.cancel_op(Op::Recv, c.key, c.gen);
+                }
+                if s.writable {
+                    ring.cancel_op(Op::Writable, c.key, c.gen);
+                }
                 submit = true;
-            } else if !c.more() {
-                if c.res == -libc::ENOBUFS {
-                    rearm.push(c.key);
-                } else {
-                    socks.remove(c.key); // EOF or error: the connection is over
+                match s.phase {
+                    Phase::Live if why == "closed by the server" => {}
+                    Phase::Live => eprintln!("ringpush bench-worker: {why}"),
+                    _ => self.sink.failed(&why),
                 }
             }
         }
@@ -183,22 +262,49 @@ impl<S: Sink + 'static> Receiver<S> {
     }
 }
 
+/// A non-blocking, close-on-exec TCP socket connecting to `addr`, and whether the
+/// connect is already done (on loopback it usually is by the time the `connect` call
+/// returns, though that call says `EINPROGRESS`): if not, give it to
+/// [`Receiver::open`] with `Phase::Connecting`, whose wait for POLLOUT says when it is.
+pub fn connect_raw(addr: SocketAddr) -> std::io::Result<(OwnedFd, bool)> {
+    let ty = socket2::Type::STREAM.nonblocking().cloexec();
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    match s.connect(&addr.into()) {
+        Ok(()) => return Ok((s.into(), true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let mut p = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+    // SAFETY: one valid pollfd; a zero timeout never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    if n > 0 && p.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+        return Err(s.take_error()?.unwrap_or_else(|| std::io::Error::other("connection failed")));
+    }
+    Ok((s.into(), n > 0))
+}
+
 /// Parses `data` (after any partial packet kept from before), records every message,
 /// and queues the acks and pongs the protocol calls for.
 fn feed(s: &mut Socket, data: &[u8], sink: &impl Sink) -> Result<(), String> {
     if s.partial.is_empty() {
-        let used = parse(&mut s.wire, data, sink, &mut s.out)?;
+        let used = parse(&mut s.wire, &mut s.phase, data, sink, &mut s.out)?;
         s.partial.extend_from_slice(&data[used..]);
     } else {
         s.partial.extend_from_slice(data);
-        let used = parse(&mut s.wire, &s.partial, sink, &mut s.out)?;
+        let used = parse(&mut s.wire, &mut s.phase, &s.partial, sink, &mut s.out)?;
         s.partial.drain(..used);
     }
     Ok(())
 }
 
 /// Handles every whole packet at the start of `bytes`; returns the bytes used.
-fn parse(wire: &mut Wire, bytes: &[u8], sink: &impl Sink, out: &mut Vec<u8>) -> Result<usize, String> {
+fn parse(
+    wire: &mut Wire,
+    phase: &mut Phase,
+    bytes: &[u8],
+    sink: &impl Sink,
+    out: &mut Vec<u8>,
+) -> Result<usize, String> {
     const LIMITS: Limits = Limits { max_frame: ringpush_protocol::wire::MAX_FRAME_CEILING, max_targets: u16::MAX };
     let mut pos = 0;
     match wire {
@@ -218,6 +324,30 @@ fn parse(wire: &mut Wire, bytes: &[u8], sink: &impl Sink, out: &mut Vec<u8>) -> 
             pos += used;
         },
         Wire::Ringpush(acker) => {
+            if let Phase::Greeting { preamble } = phase {
+                if !*preamble {
+                    if bytes.len() < PREAMBLE_LEN {
+                        return Ok(0);
+                    }
+                    // Without one, the server refused ours and sent a bare ERROR frame.
+                    if Preamble::decode(&bytes[..PREAMBLE_LEN]).is_ok() {
+                        pos = PREAMBLE_LEN;
+                    }
+                    *preamble = true;
+                }
+                match DeviceFrame::decode(&bytes[pos..], &LIMITS)
+                    .map_err(|e| format!("bad frame from the server: {e:?}"))?
+                {
+                    None => return Ok(pos),
+                    Some((DeviceFrame::Welcome(_), used)) => {
+                        pos += used;
+                        *phase = Phase::Live;
+                        sink.connected();
+                    }
+                    Some((DeviceFrame::Error(e), _)) => return Err(format!("refused: {}: {}", e.code, e.message)),
+                    Some((other, _)) => return Err(format!("expected WELCOME, got {other:?}")),
+                }
+            }
             while let Some((frame, used)) =
                 DeviceFrame::decode(&bytes[pos..], &LIMITS).map_err(|e| format!("bad frame from the server: {e:?}"))?
             {
@@ -271,10 +401,16 @@ mod tests {
     use std::time::Duration;
 
     #[derive(Default)]
-    struct Log(RefCell<Vec<(Vec<u8>, bool)>>);
+    struct Log(RefCell<Vec<(Vec<u8>, bool)>>, std::cell::Cell<u32>);
     impl Sink for Log {
         fn record(&self, payload: &[u8], duplicate: bool) {
             self.0.borrow_mut().push((payload.to_vec(), duplicate));
+        }
+        fn connected(&self) {
+            self.1.set(self.1.get() + 1);
+        }
+        fn failed(&self, why: &str) {
+            panic!("the parser reports failures by its result, not the sink: {why}");
         }
     }
 
@@ -285,9 +421,61 @@ mod tests {
     }
 
     fn socket(wire: Wire) -> Socket {
+        greeting(wire, Phase::Live)
+    }
+
+    fn greeting(wire: Wire, phase: Phase) -> Socket {
         // Any open descriptor: these tests never write (no ack is due) or use a pipe.
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        Socket { fd: a.into(), gen: 1, wire, partial: Vec::new(), out: Vec::new() }
+        Socket { fd: a.into(), gen: 1, wire, phase, writable: false, partial: Vec::new(), out: Vec::new() }
+    }
+
+    fn acker() -> Wire {
+        Wire::Ringpush(Acker::new(AckPolicy { every: 100, delay: Duration::from_secs(60) }, 0, 0))
+    }
+
+    #[test]
+    fn a_device_is_connected_at_its_welcome_and_what_follows_it_is_read() {
+        let log = Log::default();
+        let mut s = greeting(acker(), Phase::Greeting { preamble: false });
+        let mut bytes = crate::session::server_preamble(ringpush_protocol::Role::Device).to_vec();
+        DeviceFrame::Welcome(ringpush_protocol::device::Welcome {
+            heartbeat_ms: 30_000,
+            max_frame: 4096,
+            server_time_ms: 1,
+            acked_seq: 0,
+            broadcast_cursor: 0,
+            pending: 1,
+        })
+        .encode(&mut bytes);
+        bytes.extend(message(1, b"waiting"));
+        // One byte at a time: the preamble, the WELCOME and the message each arrive split.
+        for b in &bytes[..bytes.len() - 1] {
+            feed(&mut s, std::slice::from_ref(b), &log).unwrap();
+        }
+        assert_eq!((log.1.get(), log.0.borrow().len()), (1, 0));
+        assert_eq!(s.phase, Phase::Live);
+        feed(&mut s, &bytes[bytes.len() - 1..], &log).unwrap();
+        assert_eq!((log.1.get(), log.0.borrow()[0].0.as_slice()), (1, &b"waiting"[..]));
+    }
+
+    #[test]
+    fn a_refused_device_fails_with_the_servers_reason_preamble_or_not() {
+        let mut refusal = Vec::new();
+        DeviceFrame::Error(ringpush_protocol::ErrorFrame {
+            code: ringpush_protocol::ErrorCode::EXPIRED_TOKEN,
+            message: "token expired",
+        })
+        .encode(&mut refusal);
+        let with = [&crate::session::server_preamble(ringpush_protocol::Role::Device)[..], &refusal].concat();
+        for bytes in [with, refusal] {
+            let log = Log::default();
+            let mut s = greeting(acker(), Phase::Greeting { preamble: false });
+            let e = feed(&mut s, &bytes, &log).unwrap_err();
+            assert!(e.contains("token expired"), "{e}");
+            assert_eq!(log.1.get(), 0);
+            assert_ne!(s.phase, Phase::Live);
+        }
     }
 
     #[test]
@@ -346,5 +534,88 @@ mod tests {
         })
         .encode(&mut b);
         assert!(feed(&mut s, &b, &log).unwrap_err().contains("no"));
+    }
+
+    #[derive(Default)]
+    struct Outcomes {
+        connected: std::cell::Cell<u32>,
+        failed: RefCell<Vec<String>>,
+    }
+    impl Sink for Outcomes {
+        fn record(&self, _: &[u8], _: bool) {}
+        fn connected(&self) {
+            self.connected.set(self.connected.get() + 1);
+        }
+        fn failed(&self, why: &str) {
+            self.failed.borrow_mut().push(why.to_string());
+        }
+    }
+
+    /// A server on loopback that reads each connection's preamble and HELLO and answers
+    /// with `reply`.
+    fn answering(reply: Vec<u8>, conns: usize) -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for _ in 0..conns {
+                let (mut c, _) = l.accept().unwrap();
+                let mut first = [0u8; PREAMBLE_LEN + 3];
+                std::io::Read::read_exact(&mut c, &mut first).unwrap();
+                std::io::Write::write_all(&mut c, &reply).unwrap();
+                held.push(c);
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        });
+        addr
+    }
+
+    #[test]
+    fn sockets_opened_on_the_ring_report_their_handshake() {
+        let mut welcome = crate::session::server_preamble(ringpush_protocol::Role::Device).to_vec();
+        DeviceFrame::Welcome(ringpush_protocol::device::Welcome {
+            heartbeat_ms: 30_000,
+            max_frame: 4096,
+            server_time_ms: 1,
+            acked_seq: 0,
+            broadcast_cursor: 0,
+            pending: 0,
+        })
+        .encode(&mut welcome);
+        let mut refusal = Vec::new();
+        DeviceFrame::Error(ringpush_protocol::ErrorFrame {
+            code: ringpush_protocol::ErrorCode::BAD_TOKEN,
+            message: "bad token",
+        })
+        .encode(&mut refusal);
+        let (ok, no) = (answering(welcome, 3), answering(refusal, 1));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).make().unwrap();
+        let (connected, failed) = ex.run(async move {
+            let r = Receiver::start(Outcomes::default()).unwrap();
+            let token = ringpush_protocol::DeviceToken::mint(b"secret", "app", "d1", u64::MAX / 2000);
+            let hello = crate::client::hello_bytes("app", "d1", &token, 0, 0);
+            for addr in [ok, ok, no] {
+                let (fd, sent) = crate::client::open_sending(addr, &hello, None).unwrap();
+                r.open(fd, acker(), Phase::Greeting { preamble: false }, &hello[sent..]);
+            }
+            // A raw connect the ring sees complete, and one nobody listens for.
+            let (fd, _) = connect_raw(ok).unwrap();
+            r.open(fd, Wire::Raw(8), Phase::Connecting, &[]);
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM.nonblocking(), None).unwrap();
+            let _ = s.connect(&closed.into()); // EINPROGRESS; the refusal is the ring's to see
+            r.open(s.into(), Wire::Raw(8), Phase::Connecting, &[]);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let done = |o: &Outcomes| o.connected.get() + o.failed.borrow().len() as u32 == 5;
+            while !done(r.sink()) && std::time::Instant::now() < deadline {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            let failed = r.sink().failed.borrow().clone();
+            (r.sink().connected.get(), failed)
+        });
+        assert_eq!(connected, 3, "two WELCOMEs and a raw connect; failed: {failed:?}");
+        assert_eq!(failed.len(), 2, "{failed:?}");
+        assert!(failed.iter().any(|f| f.contains("bad token")), "{failed:?}");
+        assert!(failed.iter().any(|f| f.contains("refused")), "{failed:?}");
     }
 }

@@ -108,7 +108,24 @@ pub fn unix_ms() -> u64 {
 /// With `local_port`, the connection leaves from that port (see
 /// [`AppClient::connect_to_shard`]).
 fn connect_sending(addr: SocketAddr, first: &[u8], local_port: Option<u16>) -> std::io::Result<(TcpStream, usize)> {
-    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    let (fd, sent) = open_sending(addr, first, local_port)?;
+    // SAFETY: the descriptor is a TCP socket we own; the stream takes it over.
+    Ok((unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) }, sent))
+}
+
+/// The socket under [`connect_sending`], for a caller that drives its sockets itself
+/// (e.g. on an io_uring of its own, as the load generator does with
+/// [`hello_bytes`]): a non-blocking, close-on-exec TCP socket with `TCP_NODELAY`,
+/// connecting to `addr`, and how many bytes of `first` it has sent. When that is less
+/// than all of them (no Fast Open cookie yet, so the SYN went without data), the rest is
+/// the caller's to write once the socket is writable.
+pub fn open_sending(
+    addr: SocketAddr,
+    first: &[u8],
+    local_port: Option<u16>,
+) -> std::io::Result<(std::os::fd::OwnedFd, usize)> {
+    let ty = socket2::Type::STREAM.nonblocking().cloexec();
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
     s.set_nodelay(true)?;
     if let Some(port) = local_port {
         let any: SocketAddr = match addr {
@@ -119,7 +136,6 @@ fn connect_sending(addr: SocketAddr, first: &[u8], local_port: Option<u16>) -> s
     }
     // Without it (a kernel that lacks it) the connect below is an ordinary one.
     let fastopen = crate::server::set_int_opt(&s, libc::IPPROTO_TCP, libc::TCP_FASTOPEN_CONNECT, 1).is_ok();
-    s.set_nonblocking(true)?;
     match s.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -135,8 +151,24 @@ fn connect_sending(addr: SocketAddr, first: &[u8], local_port: Option<u16>) -> s
     } else {
         0
     };
-    // SAFETY: the descriptor is a TCP socket we own; the stream takes it over.
-    Ok((unsafe { TcpStream::from_raw_fd(s.into_raw_fd()) }, sent))
+    Ok((s.into(), sent))
+}
+
+/// What a device sends first: the client preamble, then its HELLO (`last_acked` and
+/// `cursor` as for [`DeviceClient::connect_resume`]).
+pub fn hello_bytes(app: &str, device: &str, token: &DeviceToken, last_acked: u64, cursor: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(256);
+    b.extend_from_slice(&Preamble::client(Role::Device).encode());
+    DeviceFrame::Hello(Hello {
+        app_id: app,
+        device_id: device,
+        token: token.0,
+        last_acked_seq: last_acked,
+        broadcast_cursor: cursor,
+        capabilities: 0,
+    })
+    .encode(&mut b);
+    b
 }
 
 /// The first address `addr` resolves to.
@@ -172,6 +204,7 @@ struct Conn {
 }
 
 impl Conn {
+    /// Connects and sends `first` (the client preamble and the opening frame).
     async fn open(
         addr: impl ToSocketAddrs,
         role: Role,
@@ -179,10 +212,8 @@ impl Conn {
         local_port: Option<u16>,
     ) -> Result<Conn, ClientError> {
         let addr = first_addr(addr)?;
-        let mut hello = Preamble::client(role).encode().to_vec();
-        hello.extend_from_slice(first);
-        let (mut stream, sent) = connect_sending(addr, &hello, local_port)?;
-        stream.write_all(&hello[sent..]).await?;
+        let (mut stream, sent) = connect_sending(addr, first, local_port)?;
+        stream.write_all(&first[sent..]).await?;
         let mut c = Conn {
             stream,
             buf: Vec::new(),
@@ -380,16 +411,7 @@ impl DeviceClient {
         last_acked: u64,
         cursor: u64,
     ) -> Result<DeviceClient, ClientError> {
-        let mut hello = Vec::with_capacity(256);
-        DeviceFrame::Hello(Hello {
-            app_id: app,
-            device_id: device,
-            token: token.0,
-            last_acked_seq: last_acked,
-            broadcast_cursor: cursor,
-            capabilities: 0,
-        })
-        .encode(&mut hello);
+        let hello = hello_bytes(app, device, &token, last_acked, cursor);
         let mut conn = Conn::open(addr, Role::Device, &hello, None).await?;
         let (a, b) = conn.frame(device_len).await?;
         let welcome = match DeviceFrame::decode(&conn.buf[a..b], &conn.limits).map_err(ClientError::Protocol)? {
@@ -511,15 +533,6 @@ impl DeviceClient {
         self.send(DeviceFrame::Ack(Ack { seq, broadcast_seq: bseq })).await
     }
 
-    /// The connected socket and the bytes already read from it but not yet handled,
-    /// for a caller that drives many devices' sockets itself (the load generator's
-    /// io_uring receiver). The session goes on on the returned socket.
-    pub fn into_parts(self) -> std::io::Result<(std::os::fd::OwnedFd, Vec<u8>)> {
-        let c = self.conn;
-        let fd = dup_socket(&c.stream)?;
-        Ok((fd, c.buf[c.start..c.end].to_vec()))
-    }
-
     pub async fn ping(&mut self, nonce: u64) -> Result<(), ClientError> {
         self.send(DeviceFrame::Ping(nonce)).await
     }
@@ -628,7 +641,7 @@ impl AppClient {
         local_port: Option<u16>,
     ) -> Result<AppClient, ClientError> {
         let ts = unix_ms();
-        let mut auth = Vec::with_capacity(128);
+        let mut auth = Preamble::client(Role::App).encode().to_vec();
         AppFrame::Auth(Auth { app_id: app, timestamp_ms: ts, proof: token::auth_proof(secret, app, ts) })
             .encode(&mut auth);
         let mut conn = Conn::open(addr, Role::App, &auth, local_port).await?;
