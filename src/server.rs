@@ -84,6 +84,20 @@ fn listener(addr: SocketAddr, exclusive: bool, fastopen: u32) -> std::io::Result
     Ok(s)
 }
 
+/// Stops a listening socket at once: its listening entry goes away and connections
+/// still in its accept queue are reset, even while an io_uring request (a pending accept
+/// in a shard's ring or glommio's) holds a reference that keeps the socket itself open.
+/// Closing the descriptor alone is not enough: those references go only when the
+/// request is cancelled or the ring is torn down, which the kernel finishes after the
+/// process has exited, and a box restarted on the same port in that moment found the
+/// old listener still there ("Address already in use").
+pub(crate) fn stop_listening(fd: &impl AsRawFd) {
+    // SAFETY: shutdown(2) on an open descriptor; a listening socket is disconnected.
+    if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) } != 0 {
+        tracing::warn!("cannot stop listening: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// An integer socket option.
 pub(crate) fn set_int_opt(s: &impl AsRawFd, level: i32, name: i32, value: i32) -> std::io::Result<()> {
     set_opt(s, level, name, &value)
@@ -331,13 +345,34 @@ async fn await_senders<T: Send + 'static>(v: Vec<Connecting<T>>) -> Vec<Option<R
     out
 }
 
-/// Accepts on `listener` until cancelled, serving each connection in its own task.
-fn accept_loop<F, Fut>(core: Rc<ShardCore>, listener: TcpListener, what: &'static str, serve: F) -> JoinHandle<()>
+/// An accept loop and a descriptor of its own for the listening socket the loop owns.
+struct Accepting {
+    task: JoinHandle<()>,
+    socket: std::io::Result<OwnedFd>,
+}
+
+impl Accepting {
+    /// Stops the socket listening at once (see [`stop_listening`]) and ends the loop.
+    fn stop(&self) {
+        match &self.socket {
+            Ok(fd) => stop_listening(fd),
+            Err(e) => tracing::warn!("cannot stop listening: no descriptor for it: {e}"),
+        }
+        self.task.cancel();
+    }
+}
+
+/// Accepts on the listening socket `fd` until stopped, serving each connection in its
+/// own task.
+fn accept_loop<F, Fut>(core: Rc<ShardCore>, fd: OwnedFd, what: &'static str, serve: F) -> Accepting
 where
     F: Fn(Rc<ShardCore>, TcpStream) -> Fut + 'static,
     Fut: std::future::Future<Output = ()> + 'static,
 {
-    glommio::spawn_local(async move {
+    let socket = fd.try_clone();
+    // SAFETY: the fd is a listening socket created for this shard and owned by it.
+    let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
+    let task = glommio::spawn_local(async move {
         loop {
             match listener.accept().await {
                 Ok(stream) => {
@@ -351,7 +386,8 @@ where
             }
         }
     })
-    .detach()
+    .detach();
+    Accepting { task, socket }
 }
 
 async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<usize>) {
@@ -396,11 +432,7 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
     }
 
     // HTTP first, so /healthz and /readyz answer while the store recovers.
-    let http = boot.http_fd.map(|fd| {
-        // SAFETY: the HTTP listening socket was created for this shard and is owned by it.
-        let l = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
-        accept_loop(Rc::clone(&core), l, "http", crate::http::handle)
-    });
+    let http = boot.http_fd.map(|fd| accept_loop(Rc::clone(&core), fd, "http", crate::http::handle));
 
     // Recover the store partition on glommio's blocking thread (the executor keeps
     // serving HTTP meanwhile), then wait for every shard: none accepts a connection
@@ -448,9 +480,7 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
 
     // Devices are accepted through the device ring (multishot accept).
     core.start_accepting(boot.device_fd);
-    // SAFETY: the fd is a listening socket created for this shard and owned by it.
-    let app_listener = unsafe { TcpListener::from_raw_fd(boot.app_fd.into_raw_fd()) };
-    let app_accept = accept_loop(Rc::clone(&core), app_listener, "app", crate::ingress::handshake);
+    let app_accept = accept_loop(Rc::clone(&core), boot.app_fd, "app", crate::ingress::handshake);
     let _ = ready.send(id);
     drop(ready);
 
@@ -461,9 +491,9 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
         core.tick();
         if deadline.is_none() && core.shutdown_requested() {
             tracing::info!(shard = id, "shutting down: closing listeners, saying BYE to devices");
-            app_accept.cancel();
+            app_accept.stop();
             if let Some(h) = &http {
-                h.cancel();
+                h.stop();
             }
             core.begin_shutdown();
             deadline = Some(Instant::now() + core.cfg().shutdown_grace);

@@ -668,9 +668,13 @@ impl ShardCore {
         }
     }
 
-    /// Stops accepting: cancels the accept, then closes the listening socket.
+    /// Stops accepting: stops the socket listening (at once, though the ring's accept
+    /// holds it until cancelled), cancels the accept, then closes the socket.
     fn stop_accepting(&self) {
         let mut l = self.listener.borrow_mut();
+        if let Some(fd) = &l.fd {
+            crate::server::stop_listening(fd);
+        }
         let mut ring = self.ring.borrow_mut();
         ring.cancel_op(crate::uring::Op::Accept, 0, 0);
         ring.submit();

@@ -608,6 +608,27 @@ fn sigterm_says_bye_to_devices_and_exits_zero() {
 }
 
 #[test]
+fn a_stopped_box_leaves_its_ports_free_the_moment_it_exits() {
+    // A pending accept in a ring (the shard's device ring, glommio's for app and HTTP)
+    // holds its listener until the kernel tears the ring down, after the process exited:
+    // a box restarted on the same ports found them taken for that moment. Each round
+    // binds the ports as a restarted box would (SO_REUSEADDR, its first listener without
+    // SO_REUSEPORT) as soon as the old one is reaped.
+    for round in 0..8 {
+        let srv = Server::start(2, "");
+        let addrs = [srv.device, srv.app, srv.http];
+        let status = srv.stop(Duration::from_secs(10));
+        assert!(status.success(), "exit status {status:?}");
+        for addr in addrs {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_reuse_address(true).unwrap();
+            s.bind(&addr.into()).unwrap_or_else(|e| panic!("round {round}: {addr} still held after exit: {e}"));
+            s.listen(16).unwrap();
+        }
+    }
+}
+
+#[test]
 fn thousands_of_devices_get_unicast_and_broadcast() {
     let srv = Server::start(2, "");
     run(|| async {
