@@ -1075,8 +1075,21 @@ struct Received {
     stats: Rc<RefCell<WorkerStats>>,
     hist: Rc<RefCell<Histogram<u64>>>,
     /// Connects that may start now (a device's permit comes back once it is connected
-    /// or has failed).
+    /// or has failed for good).
     permits: Rc<RefCell<usize>>,
+    /// Devices whose handshake failed on the receive ring: attempts so far, and those
+    /// to connect again (device, attempt) with [`HANDSHAKE_ATTEMPTS`] at most.
+    attempts: RefCell<HashMap<usize, u32>>,
+    again: RefCell<Vec<(usize, u32)>>,
+}
+
+/// Attempts at a device's connection before it counts as failed (a storm of connects
+/// can overflow accept queues, and a busy owner shard refuses with BUSY, retry).
+const HANDSHAKE_ATTEMPTS: u32 = 5;
+
+/// How long a device waits before its connect attempt `attempt` (1 is the first retry).
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(50 << attempt.saturating_sub(1).min(6))
 }
 
 impl Sink for Received {
@@ -1088,11 +1101,19 @@ impl Sink for Received {
         Received::connected(self);
     }
 
-    fn failed(&self, why: &str) {
+    fn failed(&self, device: usize, why: &str) {
+        let mut attempts = self.attempts.borrow_mut();
+        let n = attempts.entry(device).or_insert(1);
+        if *n < HANDSHAKE_ATTEMPTS {
+            // The device keeps its permit while it waits to try again.
+            self.again.borrow_mut().push((device, *n));
+            *n += 1;
+            return;
+        }
         *self.permits.borrow_mut() += 1;
         let mut st = self.stats.borrow_mut();
         if st.failed == 0 {
-            eprintln!("ringpush bench-worker: a device failed to connect: {why}");
+            eprintln!("ringpush bench-worker: device d{device}: {why}");
         }
         st.failed += 1;
     }
@@ -1129,15 +1150,15 @@ async fn with_retries<T, E: std::fmt::Display, F: std::future::Future<Output = R
     permits: &RefCell<usize>,
     mut connect: impl FnMut() -> F,
 ) -> Result<T, String> {
-    let mut attempt = 0;
+    let mut attempt = 1;
     loop {
         match connect().await {
             Ok(v) => return Ok(v),
-            Err(e) if attempt == 4 => {
+            Err(e) if attempt == HANDSHAKE_ATTEMPTS => {
                 *permits.borrow_mut() += 1;
                 return Err(e.to_string());
             }
-            Err(_) => glommio::timer::sleep(Duration::from_millis(50 << attempt)).await,
+            Err(_) => glommio::timer::sleep(backoff(attempt)).await,
         }
         attempt += 1;
     }
@@ -1163,7 +1184,7 @@ async fn ringpush_device(
     let (fd, sent) =
         with_retries(permits, || std::future::ready(crate::client::open_sending(server, &hello, None))).await?;
     let wire = Wire::Ringpush(Acker::new(DEVICE_ACKS, 0, 0));
-    receiver.open(fd, wire, Phase::Greeting { preamble: false }, &hello[sent..]);
+    receiver.open(fd, wire, Phase::Greeting { preamble: false }, &hello[sent..], i);
     Ok(())
 }
 
@@ -1171,6 +1192,7 @@ async fn ringpush_device(
 /// once); the receive ring sees it complete and then counts fixed-size messages.
 async fn raw_device(
     server: SocketAddr,
+    i: usize,
     size: usize,
     receiver: &Receiver<Received>,
     permits: &RefCell<usize>,
@@ -1180,7 +1202,7 @@ async fn raw_device(
         receiver.sink().connected();
         receiver.add(fd, Wire::Raw(size), &[]);
     } else {
-        receiver.open(fd, Wire::Raw(size), Phase::Connecting, &[]);
+        receiver.open(fd, Wire::Raw(size), Phase::Connecting, &[], i);
     }
     Ok(())
 }
@@ -1281,7 +1303,13 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
         let hist = Rc::new(RefCell::new(new_hist()));
         let expiry = unix_ms() / 1000 + 86_400;
         let permits = Rc::new(RefCell::new(args.concurrency.max(1)));
-        let sink = Received { stats: Rc::clone(&stats), hist: Rc::clone(&hist), permits: Rc::clone(&permits) };
+        let sink = Received {
+            stats: Rc::clone(&stats),
+            hist: Rc::clone(&hist),
+            permits: Rc::clone(&permits),
+            attempts: RefCell::default(),
+            again: RefCell::default(),
+        };
         let receiver = match Receiver::start(sink) {
             Ok(r) => r,
             Err(e) => {
@@ -1289,31 +1317,55 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
                 std::process::exit(1);
             }
         };
+        // Connects device `i` after `delay` (a retry's back-off), holding a permit.
+        let launch = {
+            let (stats, permits, receiver) = (Rc::clone(&stats), Rc::clone(&permits), Rc::clone(&receiver));
+            let (server, secret, system, size) = (args.server, Rc::new(args.secret.clone()), args.system, args.payload);
+            move |i: usize, delay: Duration| {
+                let (stats, permits, receiver) = (Rc::clone(&stats), Rc::clone(&permits), Rc::clone(&receiver));
+                let secret = Rc::clone(&secret);
+                glommio::spawn_local(async move {
+                    if !delay.is_zero() {
+                        glommio::timer::sleep(delay).await;
+                    }
+                    let r = &*receiver;
+                    let connected = match system {
+                        System::Ringpush => ringpush_device(server, &secret, i, expiry, r, &permits).await,
+                        System::Raw => raw_device(server, i, size, r, &permits).await,
+                        // Boxed: its read buffer would make every device's task (a raw
+                        // or ringpush one too) tens of KiB, copied when spawned.
+                        peer => Box::pin(peer_device(peer, server, i, r, &permits)).await,
+                    };
+                    if let Err(e) = connected {
+                        if stats.borrow().failed == 0 {
+                            eprintln!("ringpush bench-worker: device d{i}: {e}");
+                        }
+                        stats.borrow_mut().failed += 1;
+                    }
+                })
+                .detach();
+            }
+        };
+        let launch = Rc::new(launch);
+        // Devices whose handshake the receive ring saw fail connect again, backing off.
+        let (r, l) = (Rc::clone(&receiver), Rc::clone(&launch));
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+                let again = std::mem::take(&mut *r.sink().again.borrow_mut());
+                for (i, attempt) in again {
+                    l(i, backoff(attempt));
+                }
+            }
+        })
+        .detach();
         let first_us = unix_us();
         for i in args.from..args.from + args.count {
             while *permits.borrow() == 0 {
                 glommio::timer::sleep(Duration::from_micros(200)).await;
             }
             *permits.borrow_mut() -= 1;
-            let (stats, permits, receiver) = (Rc::clone(&stats), Rc::clone(&permits), Rc::clone(&receiver));
-            let (server, secret, system, size) = (args.server, args.secret.clone(), args.system, args.payload);
-            glommio::spawn_local(async move {
-                let r = &*receiver;
-                let connected = match system {
-                    System::Ringpush => ringpush_device(server, &secret, i, expiry, r, &permits).await,
-                    System::Raw => raw_device(server, size, r, &permits).await,
-                    // Boxed: its read buffer would make every device's task (a raw or
-                    // ringpush one too) tens of KiB, copied when spawned.
-                    peer => Box::pin(peer_device(peer, server, i, r, &permits)).await,
-                };
-                if let Err(e) = connected {
-                    if stats.borrow().failed == 0 {
-                        eprintln!("ringpush bench-worker: device d{i}: {e}");
-                    }
-                    stats.borrow_mut().failed += 1;
-                }
-            })
-            .detach();
+            launch(i, Duration::ZERO);
         }
         while {
             let st = stats.borrow();
@@ -1352,6 +1404,27 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_refused_on_the_ring_connects_again_then_counts_as_failed() {
+        let sink = Received {
+            stats: Rc::default(),
+            hist: Rc::new(RefCell::new(new_hist())),
+            permits: Rc::new(RefCell::new(0)),
+            attempts: RefCell::default(),
+            again: RefCell::default(),
+        };
+        for _ in 1..HANDSHAKE_ATTEMPTS {
+            sink.failed(7, "busy");
+        }
+        // Four retries, backing off, with the permit kept.
+        assert_eq!(*sink.again.borrow(), [(7, 1), (7, 2), (7, 3), (7, 4)]);
+        assert_eq!((*sink.permits.borrow(), sink.stats.borrow().failed), (0, 0));
+        assert!(backoff(1) < backoff(2) && backoff(4) == Duration::from_millis(400));
+        sink.failed(7, "busy");
+        assert_eq!(sink.again.borrow().len(), 4, "no fifth retry");
+        assert_eq!((*sink.permits.borrow(), sink.stats.borrow().failed), (1, 1));
+    }
 
     #[test]
     fn a_spawned_box_gets_ports_no_client_is_given_as_its_source_port() {

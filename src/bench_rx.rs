@@ -29,8 +29,9 @@ pub trait Sink {
     fn record(&self, payload: &[u8], duplicate: bool);
     /// A socket given to [`Receiver::open`] finished its handshake.
     fn connected(&self);
-    /// A socket given to [`Receiver::open`] ended before its handshake finished.
-    fn failed(&self, why: &str);
+    /// A socket given to [`Receiver::open`] (with this `tag`) ended before its
+    /// handshake finished.
+    fn failed(&self, tag: usize, why: &str);
 }
 
 /// Where a socket is in its life.
@@ -62,6 +63,8 @@ struct Socket {
     gen: u32,
     wire: Wire,
     phase: Phase,
+    /// The caller's name for the socket, for [`Sink::failed`].
+    tag: usize,
     /// A wait for POLLOUT is armed.
     writable: bool,
     /// The start of a packet whose end has not arrived yet.
@@ -101,7 +104,7 @@ impl<S: Sink + 'static> Receiver<S> {
 
     /// Takes over a connected socket: `leftover` are bytes already read from it.
     pub fn add(&self, fd: OwnedFd, wire: Wire, leftover: &[u8]) {
-        let mut sock = self.socket(fd, wire, Phase::Live, &[]);
+        let mut sock = self.socket(fd, wire, Phase::Live, &[], 0);
         if let Err(e) = feed(&mut sock, leftover, &self.sink) {
             eprintln!("ringpush bench-worker: {e}");
             return;
@@ -114,16 +117,16 @@ impl<S: Sink + 'static> Receiver<S> {
     /// is still to come: `Phase::Connecting` (connected once writable) or
     /// `Phase::Greeting` (connected at the WELCOME). `unsent` is what it still has to
     /// send once writable (what did not ride in the SYN). The sink hears `connected`
-    /// or `failed` for it.
-    pub fn open(&self, fd: OwnedFd, wire: Wire, phase: Phase, unsent: &[u8]) {
-        let sock = self.socket(fd, wire, phase, unsent);
+    /// or `failed` (with `tag`) for it.
+    pub fn open(&self, fd: OwnedFd, wire: Wire, phase: Phase, unsent: &[u8], tag: usize) {
+        let sock = self.socket(fd, wire, phase, unsent, tag);
         self.arm(sock);
     }
 
-    fn socket(&self, fd: OwnedFd, wire: Wire, phase: Phase, unsent: &[u8]) -> Socket {
+    fn socket(&self, fd: OwnedFd, wire: Wire, phase: Phase, unsent: &[u8], tag: usize) -> Socket {
         let gen = self.next_gen.get().wrapping_add(1);
         self.next_gen.set(gen);
-        Socket { fd, gen, wire, phase, writable: false, partial: Vec::new(), out: unsent.to_vec() }
+        Socket { fd, gen, wire, phase, tag, writable: false, partial: Vec::new(), out: unsent.to_vec() }
     }
 
     /// Arms the socket's receive, and its wait for POLLOUT when it is connecting or has
@@ -244,7 +247,7 @@ impl<S: Sink + 'static> Receiver<S> {
                 match s.phase {
                     Phase::Live if why == "closed by the server" => {}
                     Phase::Live => eprintln!("ringpush bench-worker: {why}"),
-                    _ => self.sink.failed(&why),
+                    _ => self.sink.failed(s.tag, &why),
                 }
             }
         }
@@ -409,7 +412,7 @@ mod tests {
         fn connected(&self) {
             self.1.set(self.1.get() + 1);
         }
-        fn failed(&self, why: &str) {
+        fn failed(&self, _: usize, why: &str) {
             panic!("the parser reports failures by its result, not the sink: {why}");
         }
     }
@@ -427,7 +430,7 @@ mod tests {
     fn greeting(wire: Wire, phase: Phase) -> Socket {
         // Any open descriptor: these tests never write (no ack is due) or use a pipe.
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        Socket { fd: a.into(), gen: 1, wire, phase, writable: false, partial: Vec::new(), out: Vec::new() }
+        Socket { fd: a.into(), gen: 1, wire, phase, tag: 0, writable: false, partial: Vec::new(), out: Vec::new() }
     }
 
     fn acker() -> Wire {
@@ -539,15 +542,15 @@ mod tests {
     #[derive(Default)]
     struct Outcomes {
         connected: std::cell::Cell<u32>,
-        failed: RefCell<Vec<String>>,
+        failed: RefCell<Vec<(usize, String)>>,
     }
     impl Sink for Outcomes {
         fn record(&self, _: &[u8], _: bool) {}
         fn connected(&self) {
             self.connected.set(self.connected.get() + 1);
         }
-        fn failed(&self, why: &str) {
-            self.failed.borrow_mut().push(why.to_string());
+        fn failed(&self, tag: usize, why: &str) {
+            self.failed.borrow_mut().push((tag, why.to_string()));
         }
     }
 
@@ -595,16 +598,16 @@ mod tests {
             let r = Receiver::start(Outcomes::default()).unwrap();
             let token = ringpush_protocol::DeviceToken::mint(b"secret", "app", "d1", u64::MAX / 2000);
             let hello = crate::client::hello_bytes("app", "d1", &token, 0, 0);
-            for addr in [ok, ok, no] {
+            for (tag, addr) in [(1, ok), (2, ok), (3, no)] {
                 let (fd, sent) = crate::client::open_sending(addr, &hello, None).unwrap();
-                r.open(fd, acker(), Phase::Greeting { preamble: false }, &hello[sent..]);
+                r.open(fd, acker(), Phase::Greeting { preamble: false }, &hello[sent..], tag);
             }
             // A raw connect the ring sees complete, and one nobody listens for.
             let (fd, _) = connect_raw(ok).unwrap();
-            r.open(fd, Wire::Raw(8), Phase::Connecting, &[]);
+            r.open(fd, Wire::Raw(8), Phase::Connecting, &[], 4);
             let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM.nonblocking(), None).unwrap();
             let _ = s.connect(&closed.into()); // EINPROGRESS; the refusal is the ring's to see
-            r.open(s.into(), Wire::Raw(8), Phase::Connecting, &[]);
+            r.open(s.into(), Wire::Raw(8), Phase::Connecting, &[], 5);
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             let done = |o: &Outcomes| o.connected.get() + o.failed.borrow().len() as u32 == 5;
             while !done(r.sink()) && std::time::Instant::now() < deadline {
@@ -615,7 +618,7 @@ mod tests {
         });
         assert_eq!(connected, 3, "two WELCOMEs and a raw connect; failed: {failed:?}");
         assert_eq!(failed.len(), 2, "{failed:?}");
-        assert!(failed.iter().any(|f| f.contains("bad token")), "{failed:?}");
-        assert!(failed.iter().any(|f| f.contains("refused")), "{failed:?}");
+        assert!(failed.iter().any(|(tag, f)| *tag == 3 && f.contains("bad token")), "{failed:?}");
+        assert!(failed.iter().any(|(tag, f)| *tag == 5 && f.contains("refused")), "{failed:?}");
     }
 }
