@@ -507,12 +507,32 @@ impl BenchArgs {
     }
 }
 
-/// Sleeps until push number `n` is due at `rate` pushes/s (0: never waits).
+/// The shortest wait of a pusher at a set rate: what came due meanwhile leaves in one
+/// write, as an app server sending on a timer would send it, instead of one wake-up
+/// (and, for ringpush, one cancelled read) per push.
+const PACE_TICK: Duration = Duration::from_micros(100);
+
+/// When push number `n` (0-based) is due at `rate` pushes/s (rounded up to the
+/// nanosecond, so [`due_by`] counts it at that moment).
+fn due_at(n: u64, rate: u64) -> Duration {
+    let ns = (n as u128 * 1_000_000_000).div_ceil(rate.max(1) as u128);
+    Duration::from_nanos(ns.min(u64::MAX as u128) as u64)
+}
+
+/// How many pushes are due at `elapsed` at `rate` pushes/s (all of them at rate 0).
+fn due_by(elapsed: Duration, rate: u64) -> u64 {
+    if rate == 0 {
+        return u64::MAX;
+    }
+    (elapsed.as_nanos() * rate as u128 / 1_000_000_000).min(u64::MAX as u128 - 1) as u64 + 1
+}
+
+/// Sleeps until push number `n` is due at `rate` pushes/s, at least [`PACE_TICK`]
+/// when it has to wait at all (0: never waits).
 async fn pace(start: Instant, n: u64, rate: u64) {
     if rate > 0 {
-        let due = Duration::from_secs_f64(n as f64 / rate as f64);
-        if let Some(wait) = due.checked_sub(start.elapsed()) {
-            glommio::timer::sleep(wait).await;
+        if let Some(wait) = due_at(n, rate).checked_sub(start.elapsed()) {
+            glommio::timer::sleep(wait.max(PACE_TICK)).await;
         }
     }
 }
@@ -550,7 +570,9 @@ async fn push_peer(args: &BenchArgs, system: System, addr: SocketAddr) -> Result
     let start = Instant::now();
     while args.more(sent, start.elapsed()) {
         pace(start, sent, args.rate).await;
-        let batch = (args.messages() - sent).min(256);
+        // What is due now, 256 at most per write (all of it at full speed).
+        let due = due_by(start.elapsed(), args.rate).saturating_sub(sent).max(1);
+        let batch = (args.messages() - sent).min(256).min(due);
         for _ in 0..batch {
             let target = targets.next();
             side.count(target);
@@ -670,11 +692,8 @@ async fn push_ringpush_on(
             break;
         }
         while inflight.len() < args.inflight && (args.more(queued, start.elapsed()) || !retry.is_empty()) {
-            if args.rate > 0 {
-                let due = Duration::from_secs_f64((out.accepted + inflight.len() as u64) as f64 / args.rate as f64);
-                if start.elapsed() < due {
-                    break;
-                }
+            if args.rate > 0 && start.elapsed() < due_at(out.accepted + inflight.len() as u64, args.rate) {
+                break;
             }
             let target = if let Some(t) = retry.pop() {
                 t
@@ -691,29 +710,31 @@ async fn push_ringpush_on(
             inflight.insert(id, target);
         }
         app.flush().await.map_err(|e| e.to_string())?;
-        if inflight.is_empty() {
-            glommio::timer::sleep(Duration::from_micros(200)).await;
-            continue;
-        }
-        // At a set rate, wait for a reply only until the next push is due, so pushes
-        // leave on time, not in bursts released by the replies of each group flush
-        // (a burst queues behind itself all the way to the devices).
+        // At a set rate, sleep until the next push is due (a tick at least) and then take
+        // whatever replies came meanwhile, so pushes leave on time, not in bursts
+        // released by the replies of each group flush (a burst queues behind itself all
+        // the way to the devices), and no read is armed and cancelled at every tick.
         let next_due = (args.rate > 0 && args.more(queued, start.elapsed())).then(|| {
-            let due = Duration::from_secs_f64((out.accepted + inflight.len() as u64) as f64 / args.rate as f64);
-            due.saturating_sub(start.elapsed()).max(Duration::from_micros(50))
+            let due = due_at(out.accepted + inflight.len() as u64, args.rate);
+            due.saturating_sub(start.elapsed()).max(PACE_TICK)
         });
-        let reply = match next_due {
-            // `next_reply` is cancel-safe: a reply half-read when the timer fires stays buffered.
-            Some(wait) => match glommio::timer::timeout(wait, async { Ok(app.next_reply().await) }).await {
-                Ok(reply) => reply,
-                Err(_) => continue,
-            },
-            None => app.next_reply().await,
+        let first = match next_due {
+            Some(wait) => {
+                glommio::timer::sleep(wait).await;
+                app.read_available().map_err(|e| e.to_string())?;
+                app.try_reply().map_err(|e| e.to_string())?
+            }
+            // Only retries left to send, waiting for their turn.
+            None if inflight.is_empty() => {
+                glommio::timer::sleep(Duration::from_micros(200)).await;
+                continue;
+            }
+            None => Some(app.next_reply().await.map_err(|e| e.to_string())?),
         };
         // Take every reply that arrived with this one before queueing more: the pushes
         // they free go out in one write, as a pipelining app server would send them
         // (the peers' pushers write 256 at a time), not one segment per reply.
-        let mut reply = Some(reply.map_err(|e| e.to_string())?);
+        let mut reply = first;
         let mut busy_ms = 0;
         while let Some(r) = reply {
             busy_ms = busy_ms.max(settle(r, &devices, &mut out, &mut inflight, &mut retry, &progress)?);
@@ -1404,6 +1425,20 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pushes_fall_due_at_the_rate() {
+        assert_eq!(due_by(Duration::ZERO, 1000), 1, "the first at once");
+        assert_eq!(due_by(Duration::from_micros(999), 1000), 1);
+        assert_eq!(due_by(Duration::from_millis(1), 1000), 2);
+        assert_eq!(due_by(Duration::from_secs(2), 67_000), 134_001);
+        assert_eq!(due_by(Duration::from_secs(2), 0), u64::MAX, "rate 0: all of them");
+        assert_eq!(due_at(67_000, 67_000), Duration::from_secs(1));
+        // A push is due by the time due_by counts it.
+        for n in [0, 1, 99, 12_345] {
+            assert!(due_by(due_at(n, 3_000), 3_000) > n);
+        }
+    }
 
     #[test]
     fn a_device_refused_on_the_ring_connects_again_then_counts_as_failed() {

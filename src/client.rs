@@ -240,6 +240,40 @@ impl Conn {
     /// Reads more bytes. Cancel-safe: received bytes count only once the read returns,
     /// so a caller may drop this (e.g. a timeout around `next_event`) and lose nothing.
     async fn fill(&mut self) -> Result<(), ClientError> {
+        self.make_room();
+        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        if n == 0 {
+            return Err(ClientError::Closed);
+        }
+        self.end += n;
+        Ok(())
+    }
+
+    /// Reads what the socket holds now, without waiting; returns the bytes read. Not
+    /// while a [`Conn::fill`] is pending (nothing else reads the stream meanwhile).
+    fn fill_now(&mut self) -> Result<usize, ClientError> {
+        use std::os::fd::AsRawFd;
+        self.make_room();
+        let free = &mut self.buf[self.end..];
+        // SAFETY: `free` is a live, writable buffer of the length given; the descriptor
+        // is the stream's open socket.
+        let n =
+            unsafe { libc::recv(self.stream.as_raw_fd(), free.as_mut_ptr().cast(), free.len(), libc::MSG_DONTWAIT) };
+        match n {
+            0 => Err(ClientError::Closed),
+            n if n > 0 => {
+                self.end += n as usize;
+                Ok(n as usize)
+            }
+            _ => match std::io::Error::last_os_error() {
+                e if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+                e => Err(e.into()),
+            },
+        }
+    }
+
+    /// Moves unread bytes to the front or grows the buffer, so a read has room.
+    fn make_room(&mut self) {
         if self.start == self.end {
             (self.start, self.end) = (0, 0);
         } else if self.start > 0 && self.buf.len() - self.end < self.chunk / 4 {
@@ -249,12 +283,6 @@ impl Conn {
         if self.buf.len() - self.end < self.chunk / 4 {
             self.buf.resize(self.end + self.chunk, 0);
         }
-        let n = self.stream.read(&mut self.buf[self.end..]).await?;
-        if n == 0 {
-            return Err(ClientError::Closed);
-        }
-        self.end += n;
-        Ok(())
     }
 
     /// Waits for the next whole frame; returns its byte range in `buf`.
@@ -726,6 +754,14 @@ impl AppClient {
         }
     }
 
+    /// Reads whatever replies the socket holds now, without waiting, for
+    /// [`AppClient::try_reply`] to take: for an app server that sends on a timer and
+    /// looks at its replies at each tick, instead of keeping a read armed (and
+    /// cancelling it at every tick). Returns the bytes read.
+    pub fn read_available(&mut self) -> Result<usize, ClientError> {
+        self.conn.fill_now()
+    }
+
     /// Decodes the whole frame at `buf[a..b]` as a reply.
     fn reply_at(&self, a: usize, b: usize) -> Result<AppReply, ClientError> {
         let frame = AppFrame::decode(&self.conn.buf[a..b], &self.conn.limits)
@@ -850,6 +886,60 @@ mod tests {
         assert_eq!(got.0, format!("{:?}", AppReply::Push(1, PushOutcome::Accepted(10))));
         assert_eq!(got.1, format!("{:?}", Some(AppReply::Push(2, PushOutcome::Accepted(20)))));
         assert!(got.2, "no third reply");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn read_available_takes_what_arrived_without_waiting_and_reports_a_close() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut peer, _) = listener.accept().unwrap();
+            let mut hello = [0u8; 512];
+            let _ = peer.read(&mut hello).unwrap();
+            let mut out = crate::session::server_preamble(Role::App).to_vec();
+            let ok = ringpush_protocol::app::AuthOk {
+                max_frame: 1 << 16,
+                max_targets: 100,
+                server_time_ms: 1,
+                shard: 0,
+                shards: 1,
+            };
+            AppFrame::AuthOk(ok).encode(&mut out);
+            peer.write_all(&out).unwrap();
+            peer.read_exact(&mut hello[..1]).unwrap();
+            out.clear();
+            AppFrame::Accepted { request_id: 1, push_id: 10 }.encode(&mut out);
+            peer.write_all(&out).unwrap();
+            // Then close once the client has taken it.
+            peer.read_exact(&mut hello[..1]).unwrap();
+        });
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).make().unwrap();
+        let (idle, got, closed) = ex.run(async move {
+            let mut app = AppClient::connect(addr, "app", b"secret").await.unwrap();
+            let idle = app.read_available().unwrap();
+            app.queue_raw(b"!");
+            app.flush().await.unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            let mut got = None;
+            while got.is_none() && std::time::Instant::now() < deadline {
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                app.read_available().unwrap();
+                got = app.try_reply().unwrap();
+            }
+            app.queue_raw(b"!");
+            app.flush().await.unwrap();
+            let mut closed = None;
+            while closed.is_none() && std::time::Instant::now() < deadline {
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                closed = app.read_available().err();
+            }
+            (idle, format!("{got:?}"), format!("{closed:?}"))
+        });
+        assert_eq!(idle, 0, "nothing to read yet, and no waiting for it");
+        assert_eq!(got, format!("{:?}", Some(AppReply::Push(1, PushOutcome::Accepted(10)))));
+        assert_eq!(closed, format!("{:?}", Some(ClientError::Closed)));
         server.join().unwrap();
     }
 
