@@ -76,7 +76,8 @@ pub struct BenchArgs {
     /// Payload bytes per message (at least 8: the send timestamp).
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
-    /// Pushes per second (0: as fast as the box accepts).
+    /// Pushes per second (0: as fast as the box accepts). The pushers send what is due
+    /// when they wake, at least every 100 µs; the raw limit always sends at full speed.
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
     /// Pushes in flight on the app connection.
