@@ -433,6 +433,21 @@ mod tests {
         Socket { fd: a.into(), gen: 1, wire, phase, tag: 0, writable: false, partial: Vec::new(), out: Vec::new() }
     }
 
+    /// The server's preamble and a WELCOME with `pending` messages.
+    fn welcome(pending: u32) -> Vec<u8> {
+        let mut b = crate::session::server_preamble(ringpush_protocol::Role::Device).to_vec();
+        DeviceFrame::Welcome(ringpush_protocol::device::Welcome {
+            heartbeat_ms: 30_000,
+            max_frame: 4096,
+            server_time_ms: 1,
+            acked_seq: 0,
+            broadcast_cursor: 0,
+            pending,
+        })
+        .encode(&mut b);
+        b
+    }
+
     fn acker() -> Wire {
         Wire::Ringpush(Acker::new(AckPolicy { every: 100, delay: Duration::from_secs(60) }, 0, 0))
     }
@@ -441,16 +456,7 @@ mod tests {
     fn a_device_is_connected_at_its_welcome_and_what_follows_it_is_read() {
         let log = Log::default();
         let mut s = greeting(acker(), Phase::Greeting { preamble: false });
-        let mut bytes = crate::session::server_preamble(ringpush_protocol::Role::Device).to_vec();
-        DeviceFrame::Welcome(ringpush_protocol::device::Welcome {
-            heartbeat_ms: 30_000,
-            max_frame: 4096,
-            server_time_ms: 1,
-            acked_seq: 0,
-            broadcast_cursor: 0,
-            pending: 1,
-        })
-        .encode(&mut bytes);
+        let mut bytes = welcome(1);
         bytes.extend(message(1, b"waiting"));
         // One byte at a time: the preamble, the WELCOME and the message each arrive split.
         for b in &bytes[..bytes.len() - 1] {
@@ -575,23 +581,13 @@ mod tests {
 
     #[test]
     fn sockets_opened_on_the_ring_report_their_handshake() {
-        let mut welcome = crate::session::server_preamble(ringpush_protocol::Role::Device).to_vec();
-        DeviceFrame::Welcome(ringpush_protocol::device::Welcome {
-            heartbeat_ms: 30_000,
-            max_frame: 4096,
-            server_time_ms: 1,
-            acked_seq: 0,
-            broadcast_cursor: 0,
-            pending: 0,
-        })
-        .encode(&mut welcome);
         let mut refusal = Vec::new();
         DeviceFrame::Error(ringpush_protocol::ErrorFrame {
             code: ringpush_protocol::ErrorCode::BAD_TOKEN,
             message: "bad token",
         })
         .encode(&mut refusal);
-        let (ok, no) = (answering(welcome, 3), answering(refusal, 1));
+        let (ok, no) = (answering(welcome(0), 3), answering(refusal, 1));
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).make().unwrap();
         let (connected, failed) = ex.run(async move {

@@ -844,8 +844,12 @@ mod tests {
         assert_eq!(got, expect);
     }
 
-    #[test]
-    fn replies_that_arrived_together_are_taken_without_reading_again() {
+    /// A one-connection app server on loopback: reads the client's preamble and AUTH,
+    /// answers AUTH_OK (one shard), then runs `then` with the socket, a scratch buffer
+    /// and an emptied output buffer.
+    fn app_server(
+        then: impl FnOnce(std::net::TcpStream, [u8; 512], Vec<u8>) + Send + 'static,
+    ) -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
         use std::io::Write;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -863,10 +867,19 @@ mod tests {
             };
             AppFrame::AuthOk(ok).encode(&mut out);
             peer.write_all(&out).unwrap();
+            out.clear();
+            then(peer, hello, out)
+        });
+        (addr, server)
+    }
+
+    #[test]
+    fn replies_that_arrived_together_are_taken_without_reading_again() {
+        use std::io::Write;
+        let (addr, server) = app_server(|mut peer, mut hello, mut out| {
             // Once the client says so: two replies in one write, then silence. The
             // client must not need a read for the second one.
             peer.read_exact(&mut hello[..1]).unwrap();
-            out.clear();
             AppFrame::Accepted { request_id: 1, push_id: 10 }.encode(&mut out);
             AppFrame::Accepted { request_id: 2, push_id: 20 }.encode(&mut out);
             peer.write_all(&out).unwrap();
@@ -892,24 +905,8 @@ mod tests {
     #[test]
     fn read_available_takes_what_arrived_without_waiting_and_reports_a_close() {
         use std::io::Write;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut peer, _) = listener.accept().unwrap();
-            let mut hello = [0u8; 512];
-            let _ = peer.read(&mut hello).unwrap();
-            let mut out = crate::session::server_preamble(Role::App).to_vec();
-            let ok = ringpush_protocol::app::AuthOk {
-                max_frame: 1 << 16,
-                max_targets: 100,
-                server_time_ms: 1,
-                shard: 0,
-                shards: 1,
-            };
-            AppFrame::AuthOk(ok).encode(&mut out);
-            peer.write_all(&out).unwrap();
+        let (addr, server) = app_server(|mut peer, mut hello, mut out| {
             peer.read_exact(&mut hello[..1]).unwrap();
-            out.clear();
             AppFrame::Accepted { request_id: 1, push_id: 10 }.encode(&mut out);
             peer.write_all(&out).unwrap();
             // Then close once the client has taken it.
