@@ -19,6 +19,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
+/// Why a socket ended when the server closed it (after a BYE, or at the end of a run).
+const CLOSED: &str = "closed by the server";
+
 /// Receive buffers of a load-generator process's ring: a broadcast reaches thousands of
 /// its devices at once, so more than a server shard needs for acks and pings.
 const BUFFERS: u16 = 8192;
@@ -208,7 +211,7 @@ impl<S: Sink + 'static> Receiver<S> {
                         } else if c.res < 0 {
                             end = Some(std::io::Error::from_raw_os_error(-c.res).to_string());
                         } else {
-                            end = Some("closed by the server".into()); // EOF: the connection is over
+                            end = Some(CLOSED.into()); // EOF: the connection is over
                         }
                     }
                 }
@@ -245,7 +248,7 @@ impl<S: Sink + 'static> Receiver<S> {
                 }
                 submit = true;
                 match s.phase {
-                    Phase::Live if why == "closed by the server" => {}
+                    Phase::Live if why == CLOSED => {}
                     Phase::Live => eprintln!("ringpush bench-worker: {why}"),
                     _ => self.sink.failed(s.tag, &why),
                 }
