@@ -1395,8 +1395,10 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
         } {
             glommio::timer::sleep(Duration::from_millis(5)).await;
         }
-        println!("ready {} {first_us} {}", stats.borrow().connected, stats.borrow().last_connected_us);
-        let _ = std::io::stdout().flush();
+        // The parent may be gone (it stops at its first error): nothing to tell then.
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "ready {} {first_us} {}", stats.borrow().connected, stats.borrow().last_connected_us);
+        let _ = out.flush();
         while !stop.load(Ordering::Relaxed) {
             glommio::timer::sleep(Duration::from_millis(10)).await;
         }
@@ -1416,8 +1418,8 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
             "last_us": st.last_us, "hist": hex::encode(bytes),
             "timeline": st.timeline.iter().map(|(k, v)| [*k, *v]).collect::<Vec<_>>(),
         });
-        println!("{report}");
-        let _ = std::io::stdout().flush();
+        let _ = writeln!(out, "{report}");
+        let _ = out.flush();
     });
     // The device tasks are still parked on their sockets: leave without waiting.
     std::process::exit(0)

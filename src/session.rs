@@ -766,8 +766,9 @@ fn reap(core: &Rc<ShardCore>, sc: &mut DriverScratch, arena: &[u8]) {
                 if c.res >= 0 {
                     // SAFETY: the ring's accept returned a new descriptor we own.
                     accepted(core, unsafe { OwnedFd::from_raw_fd(c.res) });
-                } else if c.res != -libc::ECANCELED {
-                    // (ECANCELED: the listener was closed for shutdown.)
+                } else if !core.draining.get() {
+                    // (Shutting down, the listener is stopped: EINVAL, or ECANCELED once
+                    // the accept is cancelled.)
                     let e = std::io::Error::from_raw_os_error(-c.res);
                     tracing::warn!(shard = core.id, "device accept failed: {e}");
                 }
