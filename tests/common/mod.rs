@@ -133,12 +133,17 @@ impl Server {
     }
 
     /// Sends SIGTERM and waits up to `limit` for the exit.
-    pub fn stop(mut self, limit: Duration) -> ExitStatus {
+    pub fn stop(self, limit: Duration) -> ExitStatus {
+        self.stop_with_log(limit).0
+    }
+
+    /// [`Server::stop`], and what the server logged, its last words included.
+    pub fn stop_with_log(mut self, limit: Duration) -> (ExitStatus, String) {
         self.signal(libc::SIGTERM);
         let start = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().expect("wait") {
-                return s;
+                return (s, self.log());
             }
             assert!(start.elapsed() < limit, "server did not exit within {limit:?}");
             std::thread::sleep(Duration::from_millis(20));
