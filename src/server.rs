@@ -490,11 +490,10 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
         glommio::timer::sleep(TICK).await;
         core.tick();
         if deadline.is_none() && core.shutdown_requested() {
-            tracing::info!(shard = id, "shutting down: closing listeners, saying BYE to devices");
+            // HTTP stays up while the shard drains: /readyz says "shutting down" (a load
+            // balancer takes the box out of rotation on it) and /metrics shows the drain.
+            tracing::info!(shard = id, "shutting down: closing the device and app listeners, saying BYE to devices");
             app_accept.stop();
-            if let Some(h) = &http {
-                h.stop();
-            }
             core.begin_shutdown();
             deadline = Some(Instant::now() + core.cfg().shutdown_grace);
         }
@@ -505,6 +504,9 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
                 break;
             }
         }
+    }
+    if let Some(h) = &http {
+        h.stop();
     }
     core.flush_store();
     tracing::info!(shard = id, "shard stopped");

@@ -637,6 +637,25 @@ fn a_stopped_box_leaves_its_ports_free_the_moment_it_exits() {
 }
 
 #[test]
+fn readyz_says_shutting_down_while_the_box_drains() {
+    let srv = Server::start(1, "");
+    let mut dev = std::net::TcpStream::connect(srv.device).unwrap();
+    dev.write_all(&ringpush::client::hello_bytes(APP, "drain", &token_for("drain", 60), 0, 0)).unwrap();
+    let mut preamble = [0u8; 8];
+    dev.read_exact(&mut preamble).unwrap();
+    assert_eq!(http_get(srv.http, "/readyz"), (200, "ready\n".to_string()));
+    srv.signal(libc::SIGTERM);
+    // The device gets its BYE and the connection ends once the shard has begun to
+    // drain; the HTTP port still answers then, and says why the box is not ready.
+    dev.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    dev.read_to_end(&mut rest).expect("WELCOME, BYE, then the end of the connection");
+    assert_eq!(http_get(srv.http, "/readyz"), (503, "shutting down\n".to_string()));
+    let (status, _) = srv.stop_with_log(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
 fn thousands_of_devices_get_unicast_and_broadcast() {
     let srv = Server::start(2, "");
     run(|| async {
