@@ -36,7 +36,7 @@ pub enum Command {
     Stats(StatsArgs),
     /// Check this machine: sysctls, limits, io_uring, kernel, CPUs, data disk, clock.
     Doctor(DoctorArgs),
-    /// Load-test a box: unicast, broadcast or idle connections, end to end.
+    /// Load-test a box (unicast, broadcast, idle, offline, storm, store), beside Redis, mosquitto and the raw limit.
     Bench(crate::bench::BenchArgs),
     /// One load-generator process of `ringpush bench` (started by it).
     #[command(hide = true)]
