@@ -333,6 +333,14 @@ fn wait_ready(workers: &mut [Worker]) -> Result<Ready, String> {
     Ok(Ready { connected, secs: (last.saturating_sub(first) as f64 / 1e6).max(1e-6) })
 }
 
+/// Fails the run unless every device connected (`when` says when, after "connected").
+fn everyone(connected: u64, devices: usize, when: &str) -> Result<(), String> {
+    if connected < devices as u64 {
+        return Err(format!("only {connected} of {devices} devices connected{when}"));
+    }
+    Ok(())
+}
+
 /// What the workers saw, merged.
 struct Collected {
     hist: Histogram<u64>,
@@ -874,9 +882,7 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     // over the whole wait, worker start-up included, when the server is mostly idle.
     let (cpu_connected, rss_connected) = usage().unwrap_or((0.0, 0));
     let connect_cpu = 100.0 * (cpu_connected - cpu_at_connect) / connect_start.elapsed().as_secs_f64().max(1e-6);
-    if connected < args.devices as u64 {
-        return Err(format!("only {connected} of {} devices connected", args.devices));
-    }
+    everyone(connected, args.devices, "")?;
 
     // Offline measures from the first connect (the drain); the others after connecting.
     let (cpu0, t0) = match args.scenario {
@@ -897,6 +903,7 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
                 *slot = Some(Spawned::start_at(args.shards, &args.set, &device, &app)?);
                 workers = spawn_workers(args, system, device_addr)?;
                 let again = wait_ready(&mut workers)?;
+                everyone(again.connected, args.devices, " again after the restart")?;
                 idle =
                     json!({ "reconnected": again.connected, "reconnect_per_sec": again.connected as f64 / again.secs });
             }
@@ -1441,6 +1448,16 @@ mod tests {
         for n in [0, 1, 99, 12_345] {
             assert!(due_by(due_at(n, 3_000), 3_000) > n);
         }
+    }
+
+    #[test]
+    fn a_storm_fails_unless_every_device_connects_in_each_phase() {
+        assert_eq!(everyone(300, 300, ""), Ok(()));
+        assert_eq!(everyone(299, 300, ""), Err("only 299 of 300 devices connected".to_string()));
+        assert_eq!(
+            everyone(0, 300, " again after the restart"),
+            Err("only 0 of 300 devices connected again after the restart".to_string())
+        );
     }
 
     #[test]
