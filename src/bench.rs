@@ -836,6 +836,16 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         write("summary.txt", table)?;
         write("chart.svg", crate::chart::svg(&results))?;
     }
+    nothing_lost(&results)
+}
+
+/// Fails the run when ringpush lost a message it accepted (after the report is out).
+/// Peers are only reported: Redis pub/sub and MQTT QoS 0 promise no delivery.
+fn nothing_lost(results: &[Value]) -> Result<(), String> {
+    let lost: u64 = results.iter().filter(|r| r["system"] == "ringpush").filter_map(|r| r["lost"].as_u64()).sum();
+    if lost > 0 {
+        return Err(format!("ringpush lost {lost} accepted messages"));
+    }
     Ok(())
 }
 
@@ -1448,6 +1458,14 @@ mod tests {
         for n in [0, 1, 99, 12_345] {
             assert!(due_by(due_at(n, 3_000), 3_000) > n);
         }
+    }
+
+    #[test]
+    fn a_run_fails_when_ringpush_loses_a_message_and_not_for_a_peer() {
+        let ok = [json!({"system": "ringpush", "lost": 0}), json!({"system": "redis", "lost": 12})];
+        assert_eq!(nothing_lost(&ok), Ok(()));
+        let lost = [json!({"system": "ringpush", "lost": 3}), json!({"system": "raw", "lost": 0})];
+        assert_eq!(nothing_lost(&lost), Err("ringpush lost 3 accepted messages".to_string()));
     }
 
     #[test]
