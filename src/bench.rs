@@ -51,7 +51,8 @@ pub enum Scenario {
     Idle,
     /// Push to devices that are not connected, then connect them: the drain rate.
     Offline,
-    /// Every device connects at once (handshakes/s), then again after the box restarts.
+    /// Every device connects at once (handshakes/s), then again after the box restarts
+    /// (a spawned box; with --server, the first connect only).
     Storm,
     /// One shard's store, in process: append rate per durability policy, disk bytes
     /// per message, recovery time, heap per stored message.
