@@ -471,14 +471,16 @@ mod tests {
         assert_eq!((log.1.get(), log.0.borrow()[0].0.as_slice()), (1, &b"waiting"[..]));
     }
 
+    /// A bare ERROR frame, as the server sends to refuse a handshake.
+    fn refusal(code: ringpush_protocol::ErrorCode, message: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        DeviceFrame::Error(ringpush_protocol::ErrorFrame { code, message }).encode(&mut b);
+        b
+    }
+
     #[test]
     fn a_refused_device_fails_with_the_servers_reason_preamble_or_not() {
-        let mut refusal = Vec::new();
-        DeviceFrame::Error(ringpush_protocol::ErrorFrame {
-            code: ringpush_protocol::ErrorCode::EXPIRED_TOKEN,
-            message: "token expired",
-        })
-        .encode(&mut refusal);
+        let refusal = refusal(ringpush_protocol::ErrorCode::EXPIRED_TOKEN, "token expired");
         let with = [&crate::session::server_preamble(ringpush_protocol::Role::Device)[..], &refusal].concat();
         for bytes in [with, refusal] {
             let log = Log::default();
@@ -584,13 +586,8 @@ mod tests {
 
     #[test]
     fn sockets_opened_on_the_ring_report_their_handshake() {
-        let mut refusal = Vec::new();
-        DeviceFrame::Error(ringpush_protocol::ErrorFrame {
-            code: ringpush_protocol::ErrorCode::BAD_TOKEN,
-            message: "bad token",
-        })
-        .encode(&mut refusal);
-        let (ok, no) = (answering(welcome(0), 3), answering(refusal, 1));
+        let no = answering(refusal(ringpush_protocol::ErrorCode::BAD_TOKEN, "bad token"), 1);
+        let ok = answering(welcome(0), 3);
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).make().unwrap();
         let (connected, failed) = ex.run(async move {
