@@ -1110,6 +1110,16 @@ struct WorkerStats {
     timeline: std::collections::BTreeMap<u64, u64>,
 }
 
+impl WorkerStats {
+    /// Counts a device that failed for good; the first failure's reason is printed.
+    fn give_up(&mut self, device: usize, why: &dyn std::fmt::Display) {
+        if self.failed == 0 {
+            eprintln!("ringpush bench-worker: device d{device}: {why}");
+        }
+        self.failed += 1;
+    }
+}
+
 /// Where a worker's devices record what they receive.
 struct Received {
     stats: Rc<RefCell<WorkerStats>>,
@@ -1151,11 +1161,7 @@ impl Sink for Received {
             return;
         }
         *self.permits.borrow_mut() += 1;
-        let mut st = self.stats.borrow_mut();
-        if st.failed == 0 {
-            eprintln!("ringpush bench-worker: device d{device}: {why}");
-        }
-        st.failed += 1;
+        self.stats.borrow_mut().give_up(device, &why);
     }
 }
 
@@ -1377,10 +1383,7 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
                         peer => Box::pin(peer_device(peer, server, i, r, &permits)).await,
                     };
                     if let Err(e) = connected {
-                        if stats.borrow().failed == 0 {
-                            eprintln!("ringpush bench-worker: device d{i}: {e}");
-                        }
-                        stats.borrow_mut().failed += 1;
+                        stats.borrow_mut().give_up(i, &e);
                     }
                 })
                 .detach();
