@@ -1344,7 +1344,7 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
     let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
         .make()
         .map_err(|e| format!("cannot start the executor: {e}"))?;
-    ex.run(async move {
+    let receiver = ex.run(async move {
         let stats = Rc::new(RefCell::new(WorkerStats::default()));
         let hist = Rc::new(RefCell::new(new_hist()));
         let expiry = unix_ms() / 1000 + 86_400;
@@ -1420,31 +1420,37 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
         let mut out = std::io::stdout();
         let _ = writeln!(out, "ready {} {first_us} {}", stats.borrow().connected, stats.borrow().last_connected_us);
         let _ = out.flush();
-        while !stop.load(Ordering::Relaxed) {
-            glommio::timer::sleep(Duration::from_millis(10)).await;
-        }
-        // Drain: until every expected message arrived (30 s at most), then a little
-        // longer to catch duplicates.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let want = expect.load(Ordering::Relaxed);
-        while Instant::now() < deadline && stats.borrow().received < want {
-            glommio::timer::sleep(Duration::from_millis(10)).await;
-        }
-        glommio::timer::sleep(Duration::from_millis(100)).await;
-        let mut bytes = Vec::new();
-        V2Serializer::new().serialize(&hist.borrow(), &mut bytes).expect("serializing to memory works");
-        let st = stats.borrow();
-        let report = json!({
-            "received": st.received, "duplicates": st.duplicates, "failed": st.failed,
-            "last_us": st.last_us, "hist": hex::encode(bytes),
-            "timeline": st.timeline.iter().map(|(k, v)| [*k, *v]).collect::<Vec<_>>(),
-        });
-        let _ = writeln!(out, "{report}");
-        let _ = out.flush();
+        receiver
     });
-    // The device tasks are still parked on their sockets: leave without waiting.
+    // Every device is connected or has failed for good (no retry is pending): from here
+    // the process only receives and acks, on this thread, without glommio's loop.
+    let received = |r: &Received| r.stats.borrow().received;
+    receiver.run_blocking(TICK, |_| stop.load(Ordering::Relaxed));
+    // Drain: until every expected message arrived (30 s at most), then a little longer
+    // to catch duplicates.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let want = expect.load(Ordering::Relaxed);
+    receiver.run_blocking(TICK, |r| Instant::now() >= deadline || received(r) >= want);
+    let until = Instant::now() + Duration::from_millis(100);
+    receiver.run_blocking(TICK, |_| Instant::now() >= until);
+    let mut bytes = Vec::new();
+    let sink = receiver.sink();
+    V2Serializer::new().serialize(&sink.hist.borrow(), &mut bytes).expect("serializing to memory works");
+    let st = sink.stats.borrow();
+    let report = json!({
+        "received": st.received, "duplicates": st.duplicates, "failed": st.failed,
+        "last_us": st.last_us, "hist": hex::encode(bytes),
+        "timeline": st.timeline.iter().map(|(k, v)| [*k, *v]).collect::<Vec<_>>(),
+    });
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{report}");
+    let _ = out.flush();
+    // The executor still holds the connect tasks: leave without tearing it down.
     std::process::exit(0)
 }
+
+/// The longest a worker's receiving thread sleeps before it looks at its stop flag.
+const TICK: Duration = Duration::from_millis(10);
 
 #[cfg(test)]
 mod tests {

@@ -259,6 +259,19 @@ impl SessionRing {
         }
     }
 
+    /// Submits what is queued and waits up to `timeout` for a completion (Linux 5.11's
+    /// `IORING_FEAT_EXT_ARG`). Returns early on a signal; the caller looks at the
+    /// queue either way.
+    pub fn submit_and_wait_for(&mut self, timeout: std::time::Duration) {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        if let Err(e) = self.ring.submitter().submit_with_args(1, &args) {
+            if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::ETIME)) {
+                tracing::error!("io_uring submit failed: {e}");
+            }
+        }
+    }
+
     /// Whether completions wait to be reaped.
     pub fn has_completions(&mut self) -> bool {
         !self.ring.completion().is_empty()
