@@ -255,6 +255,55 @@ pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
     Some((ticks / hz, rss_kb * 1024))
 }
 
+/// How often [`CpuTrace`] reads the server's CPU time.
+const CPU_SAMPLE: Duration = Duration::from_millis(10);
+
+/// A process's CPU seconds, sampled every [`CPU_SAMPLE`] by a thread of its own, so the
+/// CPU of a window known only afterwards (the first push to the last delivery) can be
+/// read off: the push phase ends before a broadcast's deliveries do, and the workers'
+/// drain after the last delivery is not part of it.
+struct CpuTrace {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(u64, f64)>>,
+}
+
+impl CpuTrace {
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            loop {
+                if let Some((cpu, _)) = proc_usage(pid) {
+                    samples.push((unix_us(), cpu));
+                }
+                if done.load(Ordering::Relaxed) {
+                    return samples;
+                }
+                std::thread::sleep(CPU_SAMPLE);
+            }
+        });
+        CpuTrace { stop, thread }
+    }
+
+    /// The samples: (unix µs, CPU seconds so far), in time order.
+    fn finish(self) -> Vec<(u64, f64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// CPU seconds so far at unix µs `at`, interpolated between the samples around it.
+fn cpu_at(samples: &[(u64, f64)], at: u64) -> f64 {
+    let i = samples.partition_point(|s| s.0 <= at);
+    match (i.checked_sub(1).map(|j| samples[j]), samples.get(i)) {
+        (Some(a), Some(b)) => a.1 + (b.1 - a.1) * (at - a.0) as f64 / (b.0 - a.0).max(1) as f64,
+        (Some(a), None) => a.1,
+        (None, Some(b)) => b.1,
+        (None, None) => 0.0,
+    }
+}
+
 /// Kernel memory that grows with sockets: TCP buffer pages (sockstat) plus slab.
 pub fn kernel_socket_bytes() -> u64 {
     let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
@@ -887,6 +936,7 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     let connect_start = Instant::now();
     let connect_start_us = unix_us();
     let (cpu_at_connect, _) = usage().unwrap_or((0.0, 0));
+    let trace = server_pid.map(CpuTrace::start);
     let mut workers = spawn_workers(args, system, device_addr)?;
     let Ready { connected, secs: connect_secs } = wait_ready(&mut workers)?;
     // The storm scenario's CPU is the connect phase's (its box is restarted afterwards),
@@ -964,8 +1014,10 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
         }
     }
     let (cpu1, rss_after) = usage().unwrap_or((0.0, 0));
+    let held = t0.elapsed().as_secs_f64().max(1e-6);
 
     let Collected { hist, delivered, duplicates, last_us, timeline } = stop_workers(&mut workers, &push)?;
+    let cpu = trace.map(CpuTrace::finish).unwrap_or_default();
     let expected = match args.scenario {
         Scenario::Unicast | Scenario::Offline => push.accepted,
         Scenario::Broadcast => push.accepted * connected,
@@ -981,7 +1033,15 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
         _ => drained.max(push.elapsed.as_secs_f64()),
     }
     .max(1e-6);
-    let phase = t0.elapsed().as_secs_f64().max(1e-6);
+    let server_cpu = match args.scenario {
+        Scenario::Storm => connect_cpu,
+        Scenario::Idle => 100.0 * (cpu1 - cpu0) / held,
+        // From the first push (or connect) to the last delivery.
+        _ => {
+            let end_us = start_us + (window * 1e6) as u64;
+            100.0 * (cpu_at(&cpu, end_us) - cpu_at(&cpu, start_us)) / window
+        }
+    };
     let q = |p: f64| if hist.is_empty() { 0 } else { hist.value_at_quantile(p) };
     let mut result = json!({
         "scenario": format!("{:?}", args.scenario).to_lowercase(),
@@ -997,7 +1057,7 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
         "delivered_per_sec": if args.scenario == Scenario::Idle { 0.0 } else { delivered as f64 / window },
         "latency_us": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": hist.max()},
         "server_rss_bytes": if args.scenario == Scenario::Storm { rss_connected } else { rss_after },
-        "server_cpu_percent": if args.scenario == Scenario::Storm { connect_cpu } else { 100.0 * (cpu1 - cpu0) / phase },
+        "server_cpu_percent": server_cpu,
         "connect_per_sec": connected as f64 / connect_secs,
         "set": args.set,
         // Deliveries per second over time: [ms since the measured phase began, rate].
@@ -1468,6 +1528,31 @@ mod tests {
         for n in [0, 1, 99, 12_345] {
             assert!(due_by(due_at(n, 3_000), 3_000) > n);
         }
+    }
+
+    #[test]
+    fn cpu_is_read_off_the_trace_between_samples() {
+        let samples = [(1_000, 1.0), (2_000, 1.5), (3_000, 1.5)];
+        assert_eq!(cpu_at(&samples, 1_000), 1.0);
+        assert_eq!(cpu_at(&samples, 1_500), 1.25, "halfway between two samples");
+        assert_eq!(cpu_at(&samples, 2_500), 1.5);
+        assert_eq!((cpu_at(&samples, 0), cpu_at(&samples, 9_000)), (1.0, 1.5), "clamped to the ends");
+        assert_eq!(cpu_at(&[], 5), 0.0);
+        // A trace of this process sees the CPU it burns.
+        let me = std::process::id();
+        let trace = CpuTrace::start(me);
+        let (before, deadline) = (proc_usage(me).unwrap().0, Instant::now() + Duration::from_secs(10));
+        let mut x = 0u64;
+        // Spin until /proc counts 30 ms more (its clock ticks are 10 ms).
+        while proc_usage(me).unwrap().0 < before + 0.03 && Instant::now() < deadline {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+        }
+        let got = trace.finish();
+        assert!(got.len() >= 2, "{got:?}");
+        assert!(got.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1), "{got:?}");
+        assert!(got.last().unwrap().1 > got[0].1, "the spin shows: {got:?}");
     }
 
     #[test]
