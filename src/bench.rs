@@ -244,15 +244,20 @@ impl Drop for Spawned {
 
 /// CPU seconds (user + system) and RSS bytes of a process, from /proc.
 pub fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
+    Some((proc_cpu(pid)?, rss_kb * 1024))
+}
+
+/// CPU seconds (user + system) of a process, every thread it ever had, from /proc.
+fn proc_cpu(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse().ok()?;
-    Some((ticks / hz, rss_kb * 1024))
+    Some(ticks / hz)
 }
 
 /// How often [`CpuTrace`] reads the server's CPU time.
@@ -274,7 +279,7 @@ impl CpuTrace {
         let thread = std::thread::spawn(move || {
             let mut samples = Vec::new();
             loop {
-                if let Some((cpu, _)) = proc_usage(pid) {
+                if let Some(cpu) = proc_cpu(pid) {
                     samples.push((unix_us(), cpu));
                 }
                 if done.load(Ordering::Relaxed) {
@@ -936,7 +941,9 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     let connect_start = Instant::now();
     let connect_start_us = unix_us();
     let (cpu_at_connect, _) = usage().unwrap_or((0.0, 0));
-    let trace = server_pid.map(CpuTrace::start);
+    // Only scenarios that deliver read their CPU off a trace (see `server_cpu` below).
+    let delivers = matches!(args.scenario, Scenario::Unicast | Scenario::Broadcast | Scenario::Offline);
+    let trace = server_pid.filter(|_| delivers).map(CpuTrace::start);
     let mut workers = spawn_workers(args, system, device_addr)?;
     let Ready { connected, secs: connect_secs } = wait_ready(&mut workers)?;
     // The storm scenario's CPU is the connect phase's (its box is restarted afterwards),
@@ -1541,10 +1548,10 @@ mod tests {
         // A trace of this process sees the CPU it burns.
         let me = std::process::id();
         let trace = CpuTrace::start(me);
-        let (before, deadline) = (proc_usage(me).unwrap().0, Instant::now() + Duration::from_secs(10));
+        let (before, deadline) = (proc_cpu(me).unwrap(), Instant::now() + Duration::from_secs(10));
         let mut x = 0u64;
         // Spin until /proc counts 30 ms more (its clock ticks are 10 ms).
-        while proc_usage(me).unwrap().0 < before + 0.03 && Instant::now() < deadline {
+        while proc_cpu(me).unwrap() < before + 0.03 && Instant::now() < deadline {
             for _ in 0..100_000 {
                 x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
             }
