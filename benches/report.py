@@ -33,6 +33,12 @@ def fmt(values, digits=0):
     return f"{m:,.{digits}f} ({min(values):,.{digits}f}–{max(values):,.{digits}f})"
 
 
+def ratio(rs):
+    """Ratio to raw, or a dash when no raw run was in the same invocation (offline)."""
+    values = [r["ratio_to_raw"] for r in rs if "ratio_to_raw" in r]
+    return fmt(values, 2) if values else "—"
+
+
 ONLY = sys.argv[2:]
 for scenario, extra, compare in SCENARIOS:
     if ONLY and scenario not in ONLY:
@@ -61,7 +67,7 @@ for scenario, extra, compare in SCENARIOS:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for system, rs in rows.items():
         print(f"| {system} | {fmt([r['delivered_per_sec'] for r in rs])} | "
-              f"{fmt([r.get('ratio_to_raw', 0) for r in rs], 2)} | "
+              f"{ratio(rs)} | "
               f"{fmt([r['latency_us']['p50'] for r in rs])} | {fmt([r['latency_us']['p99'] for r in rs])} | "
               f"{fmt([r['latency_us']['max'] for r in rs])} | {max(r['lost'] for r in rs)} | "
               f"{max(r['duplicates'] for r in rs)} | {fmt([r['server_cpu_percent'] for r in rs])} | "
