@@ -953,10 +953,9 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     everyone(connected, args.devices, "")?;
 
     // Offline measures from the first connect (the drain); the others after connecting.
-    let (cpu0, t0) = match args.scenario {
-        Scenario::Offline => (cpu_at_connect, connect_start),
-        _ => (usage().unwrap_or((0.0, 0)).0, Instant::now()),
-    };
+    let t0 = if args.scenario == Scenario::Offline { connect_start } else { Instant::now() };
+    // The idle hold's CPU is read directly; the scenarios that deliver use the trace.
+    let cpu0 = usage().unwrap_or((0.0, 0)).0;
     let mut idle = json!({});
     match args.scenario {
         // The store scenario returned at the top of `run`.
