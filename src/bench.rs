@@ -343,6 +343,7 @@ fn spawn_workers(args: &BenchArgs, system: System, device: SocketAddr) -> Result
     // them (10 000 devices: 5 000 + 5 000, not 8 000 + 2 000, so no worker is the
     // bottleneck of a fan-out).
     let procs = args.devices.div_ceil(args.per_process.max(1)).max(1);
+    let since = unix_us();
     let mut workers = Vec::new();
     let mut from = 0;
     for w in 0..procs {
@@ -352,6 +353,7 @@ fn spawn_workers(args: &BenchArgs, system: System, device: SocketAddr) -> Result
             .args(["--server", &device.to_string(), "--secret", &args.secret, "--system", system.name()])
             .args(["--payload", &args.payload.max(8).to_string()])
             .args(["--from", &from.to_string(), "--count", &count.to_string()])
+            .args(["--since", &since.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -401,9 +403,48 @@ struct Collected {
     hist: Histogram<u64>,
     delivered: u64,
     duplicates: u64,
+    /// Messages left over from an earlier run on the same box (not counted).
+    stale: u64,
     last_us: u64,
     /// Messages per 100 ms bucket (unix time / 100 ms).
-    timeline: std::collections::BTreeMap<u64, u64>,
+    timeline: std::collections::BTreeMap<u64, Bucket>,
+}
+
+/// What arrived in one 100 ms bucket: messages, those slower than [`SLOW_US`], the
+/// slowest one. Where in a run the slow messages fall says more about their cause than
+/// the run's percentiles do.
+#[derive(Default, Clone, Copy, Debug, PartialEq)]
+struct Bucket {
+    n: u64,
+    slow: u64,
+    max_us: u64,
+}
+
+/// The latency target's bound: a message slower than this counts in its bucket's `slow`.
+const SLOW_US: u64 = 1000;
+
+impl Bucket {
+    fn add(&mut self, latency_us: u64) {
+        self.n += 1;
+        self.slow += u64::from(latency_us > SLOW_US);
+        self.max_us = self.max_us.max(latency_us);
+    }
+
+    fn merge(&mut self, o: Bucket) {
+        self.n += o.n;
+        self.slow += o.slow;
+        self.max_us = self.max_us.max(o.max_us);
+    }
+
+    /// As a worker reports it: `[bucket, n, slow, max_us]`.
+    fn to_json(self, key: u64) -> Value {
+        json!([key, self.n, self.slow, self.max_us])
+    }
+
+    fn from_json(v: &Value) -> Option<(u64, Bucket)> {
+        let f = |i: usize| v.get(i).and_then(Value::as_u64);
+        Some((f(0)?, Bucket { n: f(1)?, slow: f(2)?, max_us: f(3)? }))
+    }
 }
 
 /// Tells each worker how many messages to wait for, then merges their reports.
@@ -412,6 +453,7 @@ fn stop_workers(workers: &mut [Worker], push: &PushSide) -> Result<Collected, St
         hist: new_hist(),
         delivered: 0,
         duplicates: 0,
+        stale: 0,
         last_us: 0,
         timeline: std::collections::BTreeMap::new(),
     };
@@ -425,11 +467,10 @@ fn stop_workers(workers: &mut [Worker], push: &PushSide) -> Result<Collected, St
         let v: Value = serde_json::from_str(&line).map_err(|e| format!("bad worker report: {e}"))?;
         c.delivered += v["received"].as_u64().unwrap_or(0);
         c.duplicates += v["duplicates"].as_u64().unwrap_or(0);
+        c.stale += v["stale"].as_u64().unwrap_or(0);
         c.last_us = c.last_us.max(v["last_us"].as_u64().unwrap_or(0));
-        for pair in v["timeline"].as_array().into_iter().flatten() {
-            if let (Some(t), Some(n)) = (pair[0].as_u64(), pair[1].as_u64()) {
-                *c.timeline.entry(t).or_insert(0) += n;
-            }
+        for (t, b) in v["timeline"].as_array().into_iter().flatten().filter_map(Bucket::from_json) {
+            c.timeline.entry(t).or_default().merge(b);
         }
         let bytes = hex::decode(v["hist"].as_str().unwrap_or("")).map_err(|e| e.to_string())?;
         let h: Histogram<u64> = Deserializer::new().deserialize(&mut &bytes[..]).map_err(|e| format!("{e:?}"))?;
@@ -1022,7 +1063,13 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     let (cpu1, rss_after) = usage().unwrap_or((0.0, 0));
     let held = t0.elapsed().as_secs_f64().max(1e-6);
 
-    let Collected { hist, delivered, duplicates, last_us, timeline } = stop_workers(&mut workers, &push)?;
+    let Collected { hist, delivered, duplicates, stale, last_us, timeline } = stop_workers(&mut workers, &push)?;
+    if stale > 0 {
+        eprintln!(
+            "ringpush bench: {stale} messages pushed before this run began (an earlier run's, unacked when it \
+             ended) were delivered too; they are not counted"
+        );
+    }
     let cpu = trace.map(CpuTrace::finish).unwrap_or_default();
     let expected = match args.scenario {
         Scenario::Unicast | Scenario::Offline => push.accepted,
@@ -1060,6 +1107,7 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
         "delivered": delivered,
         "lost": expected.saturating_sub(delivered),
         "duplicates": duplicates,
+        "stale": stale,
         "delivered_per_sec": if args.scenario == Scenario::Idle { 0.0 } else { delivered as f64 / window },
         "latency_us": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": hist.max()},
         "server_rss_bytes": if args.scenario == Scenario::Storm { rss_connected } else { rss_after },
@@ -1069,7 +1117,13 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
         // Deliveries per second over time: [ms since the measured phase began, rate].
         "timeline": timeline
             .iter()
-            .map(|(bucket, n)| json!([(bucket * 100).saturating_sub(start_us / 1000), n * 10]))
+            .map(|(bucket, b)| json!([(bucket * 100).saturating_sub(start_us / 1000), b.n * 10]))
+            .collect::<Vec<_>>(),
+        // Per 100 ms: [ms since the measured phase began, messages slower than 1 ms,
+        // the slowest message's µs].
+        "latency_timeline": timeline
+            .iter()
+            .map(|(bucket, b)| json!([(bucket * 100).saturating_sub(start_us / 1000), b.slow, b.max_us]))
             .collect::<Vec<_>>(),
     });
     if let (Some(r), Value::Object(extra)) = (result.as_object_mut(), idle) {
@@ -1161,19 +1215,26 @@ pub struct WorkerArgs {
     /// Message size, for the raw limit's fixed-size frames.
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
+    /// Unix µs when the run began: a message sent before it is left over from an
+    /// earlier run on the same box (delivered again because that run ended before
+    /// acking it) and is counted as stale, not as a delivery of this run.
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
 }
 
 #[derive(Default)]
 struct WorkerStats {
     received: u64,
     duplicates: u64,
+    /// Messages sent before the run began (see [`WorkerArgs::since`]).
+    stale: u64,
     failed: u64,
     connected: u64,
     /// Unix µs of the last handshake completed.
     last_connected_us: u64,
     last_us: u64,
     /// Messages received per 100 ms, keyed by unix time / 100 ms (for the chart).
-    timeline: std::collections::BTreeMap<u64, u64>,
+    timeline: std::collections::BTreeMap<u64, Bucket>,
 }
 
 impl WorkerStats {
@@ -1197,6 +1258,8 @@ struct Received {
     /// to connect again (device, attempt) with [`HANDSHAKE_ATTEMPTS`] at most.
     attempts: RefCell<HashMap<usize, u32>>,
     again: RefCell<Vec<(usize, u32)>>,
+    /// Unix µs when the run began ([`WorkerArgs::since`]).
+    since: u64,
 }
 
 /// Attempts at a device's connection before it counts as failed (a storm of connects
@@ -1237,15 +1300,20 @@ impl Received {
     fn record(&self, payload: &[u8], duplicate: bool) {
         let now = unix_us();
         let sent = payload.get(..8).map_or(now, |b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
-        self.hist.borrow_mut().saturating_record(now.saturating_sub(sent).max(1));
         let mut st = self.stats.borrow_mut();
+        if sent < self.since {
+            st.stale += 1;
+            return;
+        }
+        let latency = now.saturating_sub(sent).max(1);
+        self.hist.borrow_mut().saturating_record(latency);
         if duplicate {
             st.duplicates += 1;
         } else {
             st.received += 1;
         }
         st.last_us = now;
-        *st.timeline.entry(now / 100_000).or_default() += 1;
+        st.timeline.entry(now / 100_000).or_default().add(latency);
     }
 
     fn connected(&self) {
@@ -1421,6 +1489,7 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
             permits: Rc::clone(&permits),
             attempts: RefCell::default(),
             again: RefCell::default(),
+            since: args.since,
         };
         let receiver = match Receiver::start(sink) {
             Ok(r) => r,
@@ -1497,6 +1566,7 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let want = expect.load(Ordering::Relaxed);
     receiver.run_blocking(TICK, |r| Instant::now() >= deadline || received(r) >= want);
+    receiver.ack_all();
     let until = Instant::now() + Duration::from_millis(100);
     receiver.run_blocking(TICK, |_| Instant::now() >= until);
     let mut bytes = Vec::new();
@@ -1504,9 +1574,9 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
     V2Serializer::new().serialize(&sink.hist.borrow(), &mut bytes).expect("serializing to memory works");
     let st = sink.stats.borrow();
     let report = json!({
-        "received": st.received, "duplicates": st.duplicates, "failed": st.failed,
+        "received": st.received, "duplicates": st.duplicates, "stale": st.stale, "failed": st.failed,
         "last_us": st.last_us, "hist": hex::encode(bytes),
-        "timeline": st.timeline.iter().map(|(k, v)| [*k, *v]).collect::<Vec<_>>(),
+        "timeline": st.timeline.iter().map(|(k, b)| b.to_json(*k)).collect::<Vec<_>>(),
     });
     let mut out = std::io::stdout();
     let _ = writeln!(out, "{report}");
@@ -1534,6 +1604,21 @@ mod tests {
         for n in [0, 1, 99, 12_345] {
             assert!(due_by(due_at(n, 3_000), 3_000) > n);
         }
+    }
+
+    #[test]
+    fn a_bucket_counts_slow_messages_keeps_the_slowest_and_survives_the_report() {
+        let mut a = Bucket::default();
+        for us in [120, 1000, 1001, 40] {
+            a.add(us);
+        }
+        assert_eq!(a, Bucket { n: 4, slow: 1, max_us: 1001 }, "1 ms itself is within the bound");
+        let mut b = Bucket::default();
+        b.add(7000);
+        a.merge(b);
+        assert_eq!(a, Bucket { n: 5, slow: 2, max_us: 7000 });
+        assert_eq!(Bucket::from_json(&a.to_json(17_000)), Some((17_000, a)));
+        assert_eq!(Bucket::from_json(&json!([1, 2])), None, "a short entry is not a bucket");
     }
 
     #[test]
@@ -1580,6 +1665,29 @@ mod tests {
     }
 
     #[test]
+    fn a_message_pushed_before_the_run_began_is_stale_not_a_delivery() {
+        let sink = Received {
+            stats: Rc::default(),
+            hist: Rc::new(RefCell::new(new_hist())),
+            permits: Rc::new(RefCell::new(0)),
+            attempts: RefCell::default(),
+            again: RefCell::default(),
+            since: unix_us() - 1_000_000,
+        };
+        let stamped = |us: u64| {
+            let mut p = us.to_be_bytes().to_vec();
+            p.resize(64, 0);
+            p
+        };
+        sink.record(&stamped(sink.since - 5_000_000), false);
+        sink.record(&stamped(sink.since + 10), false);
+        let st = sink.stats.borrow();
+        assert_eq!((st.stale, st.received), (1, 1));
+        assert_eq!(sink.hist.borrow().len(), 1, "only this run's message has a latency");
+        assert_eq!(st.timeline.values().map(|b| b.n).sum::<u64>(), 1);
+    }
+
+    #[test]
     fn a_device_refused_on_the_ring_connects_again_then_counts_as_failed() {
         let sink = Received {
             stats: Rc::default(),
@@ -1587,6 +1695,7 @@ mod tests {
             permits: Rc::new(RefCell::new(0)),
             attempts: RefCell::default(),
             again: RefCell::default(),
+            since: 0,
         };
         for _ in 1..HANDSHAKE_ATTEMPTS {
             sink.failed(7, "busy");

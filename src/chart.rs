@@ -1,6 +1,7 @@
 //! `ringpush bench --out DIR` chart: one SVG with throughput over time (a line per
-//! system) and latency percentiles (grouped bars per system, log scale). Hand-written
-//! SVG: no plotting dependency for two simple panels.
+//! system), latency percentiles (grouped bars per system, log scale) and the slowest
+//! message per 100 ms over time (a line per system, log scale). Hand-written SVG: no
+//! plotting dependency for three simple panels.
 
 use serde_json::Value;
 use std::fmt::Write;
@@ -29,7 +30,7 @@ pub fn svg(results: &[Value]) -> String {
         .unwrap_or_default();
     let _ = writeln!(
         s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="640" font-family="sans-serif" font-size="12">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="920" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(s, r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#, W / 2.0, esc(&title));
@@ -112,6 +113,43 @@ pub fn svg(results: &[Value]) -> String {
             r["system"].as_str().unwrap_or("?"),
         );
     }
+
+    // Panel 3: the slowest message of each 100 ms over time, log scale (µs).
+    let (x0, y0, pw, ph) = (70.0, 630.0, W - 200.0, 230.0);
+    axes(&mut s, x0, y0, pw, ph, "slowest message per 100 ms (µs, log scale) over time (s)");
+    let slowest: Vec<Vec<(f64, f64)>> = results
+        .iter()
+        .map(|r| {
+            r["latency_timeline"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|p| Some((p[0].as_f64()? / 1000.0, p[2].as_f64()?.max(1.0)))).collect())
+                .unwrap_or_default()
+        })
+        .collect();
+    let tmax = slowest.iter().flatten().map(|q| q.0).fold(0.1, f64::max);
+    let lmax = slowest.iter().flatten().map(|q| q.1).fold(10.0, f64::max).log10().ceil();
+    for d in 0..=lmax as i32 {
+        let y = y0 + ph - ph * d as f64 / lmax;
+        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">1e{d}</text>"#, x0 - 5.0, y + 4.0);
+        let _ = writeln!(s, r##"<line x1="{x0}" x2="{}" y1="{y}" y2="{y}" stroke="#eee"/>"##, x0 + pw);
+    }
+    for i in 0..=4 {
+        let t = tmax * i as f64 / 4.0;
+        let x = x0 + pw * i as f64 / 4.0;
+        let _ = writeln!(s, r#"<text x="{x}" y="{}" text-anchor="middle">{t:.1}</text>"#, y0 + ph + 16.0);
+    }
+    for (i, (r, pts)) in results.iter().zip(&slowest).enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        let path: Vec<String> = pts
+            .iter()
+            .map(|(t, v)| format!("{:.1},{:.1}", x0 + pw * t / tmax, y0 + ph - ph * v.log10() / lmax))
+            .collect();
+        if !path.is_empty() {
+            let _ =
+                writeln!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{}"/>"#, path.join(" "));
+        }
+        legend(&mut s, x0 + pw + 20.0, y0 + 10.0 + 18.0 * i as f64, c, r["system"].as_str().unwrap_or("?"));
+    }
     s.push_str("</svg>\n");
     s
 }
@@ -137,12 +175,13 @@ mod tests {
         let r = |sys: &str| {
             json!({"system": sys, "scenario": "unicast", "devices": 10, "payload_bytes": 64,
                    "timeline": [[0, 100], [100, 300]],
+                   "latency_timeline": [[0, 0, 800], [100, 3, 4200]],
                    "latency_us": {"p50": 100, "p90": 200, "p99": 900, "p999": 1000, "max": 5000}})
         };
         let svg = svg(&[r("ringpush"), r("redis<x>")]);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<polyline").count(), 2);
-        assert_eq!(svg.matches("<rect x=").count(), 2 * PCTS.len() + 2 * 2, "bars and legends");
+        assert_eq!(svg.matches("<polyline").count(), 2 * 2, "throughput and slowest message, per system");
+        assert_eq!(svg.matches("<rect x=").count(), 2 * PCTS.len() + 3 * 2, "bars and legends");
         assert!(svg.contains("redis&lt;x&gt;"), "names are escaped");
     }
 }

@@ -378,6 +378,11 @@ impl Acker {
         self.unacked >= self.policy.every || self.since.is_some_and(|t| t.elapsed() >= self.policy.delay)
     }
 
+    /// Whether any message received is not acked yet.
+    pub fn owes(&self) -> bool {
+        self.unacked > 0
+    }
+
     /// Takes the server's view from a WELCOME: what it considers acked was processed.
     pub fn resume(&mut self, w: &Welcome) {
         self.seq = self.seq.max(w.acked_seq);
