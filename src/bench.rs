@@ -1664,16 +1664,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_message_pushed_before_the_run_began_is_stale_not_a_delivery() {
-        let sink = Received {
+    /// A worker's sink with no permits, for a run that began at `since`.
+    fn sink_since(since: u64) -> Received {
+        Received {
             stats: Rc::default(),
             hist: Rc::new(RefCell::new(new_hist())),
             permits: Rc::new(RefCell::new(0)),
             attempts: RefCell::default(),
             again: RefCell::default(),
-            since: unix_us() - 1_000_000,
-        };
+            since,
+        }
+    }
+
+    #[test]
+    fn a_message_pushed_before_the_run_began_is_stale_not_a_delivery() {
+        let sink = sink_since(unix_us() - 1_000_000);
         let stamped = |us: u64| {
             let mut p = us.to_be_bytes().to_vec();
             p.resize(64, 0);
@@ -1689,14 +1694,7 @@ mod tests {
 
     #[test]
     fn a_device_refused_on_the_ring_connects_again_then_counts_as_failed() {
-        let sink = Received {
-            stats: Rc::default(),
-            hist: Rc::new(RefCell::new(new_hist())),
-            permits: Rc::new(RefCell::new(0)),
-            attempts: RefCell::default(),
-            again: RefCell::default(),
-            since: 0,
-        };
+        let sink = sink_since(0);
         for _ in 1..HANDSHAKE_ATTEMPTS {
             sink.failed(7, "busy");
         }
