@@ -337,13 +337,14 @@ struct Worker {
     stdout: BufReader<ChildStdout>,
 }
 
-fn spawn_workers(args: &BenchArgs, system: System, device: SocketAddr) -> Result<Vec<Worker>, String> {
+/// Starts the device workers; `since` is when the run began (unix µs, before any push):
+/// what a device receives that was pushed earlier is an earlier run's, not this one's.
+fn spawn_workers(args: &BenchArgs, system: System, device: SocketAddr, since: u64) -> Result<Vec<Worker>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     // As few processes as --per-process allows, with the devices spread evenly over
     // them (10 000 devices: 5 000 + 5 000, not 8 000 + 2 000, so no worker is the
     // bottleneck of a fan-out).
     let procs = args.devices.div_ceil(args.per_process.max(1)).max(1);
-    let since = unix_us();
     let mut workers = Vec::new();
     let mut from = 0;
     for w in 0..procs {
@@ -953,6 +954,8 @@ enum Under {
 }
 
 fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
+    // Every push of this run is stamped after this (offline pushes before connecting).
+    let began_us = unix_us();
     let mut under = match (system, args.server) {
         (System::Ringpush, Some(_)) => Under::Ringpush(None),
         (System::Ringpush, None) => Under::Ringpush(Some(Spawned::start(args.shards, &args.set)?)),
@@ -985,7 +988,7 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     // Only scenarios that deliver read their CPU off a trace (see `server_cpu` below).
     let delivers = matches!(args.scenario, Scenario::Unicast | Scenario::Broadcast | Scenario::Offline);
     let trace = server_pid.filter(|_| delivers).map(CpuTrace::start);
-    let mut workers = spawn_workers(args, system, device_addr)?;
+    let mut workers = spawn_workers(args, system, device_addr, began_us)?;
     let Ready { connected, secs: connect_secs } = wait_ready(&mut workers)?;
     // The storm scenario's CPU is the connect phase's (its box is restarted afterwards),
     // over the whole wait, worker start-up included, when the server is mostly idle.
@@ -1009,7 +1012,7 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
                 let (device, app) = (old.device.to_string(), old.app.to_string());
                 drop(old); // SIGTERM: devices get BYE; the ports are free again
                 *slot = Some(Spawned::start_at(args.shards, &args.set, &device, &app)?);
-                workers = spawn_workers(args, system, device_addr)?;
+                workers = spawn_workers(args, system, device_addr, began_us)?;
                 let again = wait_ready(&mut workers)?;
                 everyone(again.connected, args.devices, " again after the restart")?;
                 idle =
