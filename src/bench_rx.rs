@@ -413,8 +413,6 @@ fn parse(
     Ok(pos)
 }
 
-/// Writes what the socket has queued, without waiting; what it does not take now is
-/// tried again when it next receives. Returns false if the connection broke.
 /// Sends a live ringpush device's cumulative ACK if it owes one.
 fn ack_owed(s: &mut Socket) {
     if let (Phase::Live, Wire::Ringpush(acker)) = (s.phase, &mut s.wire) {
@@ -425,6 +423,8 @@ fn ack_owed(s: &mut Socket) {
     }
 }
 
+/// Writes what the socket has queued, without waiting; what it does not take now is
+/// tried again when it next receives. Returns false if the connection broke.
 fn write_out(s: &mut Socket) -> bool {
     if s.out.is_empty() {
         return true;

@@ -78,11 +78,7 @@ pub fn svg(results: &[Value]) -> String {
     let (x0, y0, pw, ph) = (70.0, 340.0, W - 200.0, 230.0);
     axes(&mut s, x0, y0, pw, ph, "end-to-end latency (µs, log scale)");
     let lmax = results.iter().filter_map(|r| r["latency_us"]["max"].as_f64()).fold(10.0, f64::max).log10().ceil();
-    for d in 0..=lmax as i32 {
-        let y = y0 + ph - ph * d as f64 / lmax;
-        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">1e{d}</text>"#, x0 - 5.0, y + 4.0);
-        let _ = writeln!(s, r##"<line x1="{x0}" x2="{}" y1="{y}" y2="{y}" stroke="#eee"/>"##, x0 + pw);
-    }
+    log_grid(&mut s, x0, y0, pw, ph, lmax);
     let group = pw / PCTS.len() as f64;
     let bar = group / (results.len() as f64 + 1.0);
     for (g, (key, label)) in PCTS.iter().enumerate() {
@@ -128,11 +124,7 @@ pub fn svg(results: &[Value]) -> String {
         .collect();
     let tmax = slowest.iter().flatten().map(|q| q.0).fold(0.1, f64::max);
     let lmax = slowest.iter().flatten().map(|q| q.1).fold(10.0, f64::max).log10().ceil();
-    for d in 0..=lmax as i32 {
-        let y = y0 + ph - ph * d as f64 / lmax;
-        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">1e{d}</text>"#, x0 - 5.0, y + 4.0);
-        let _ = writeln!(s, r##"<line x1="{x0}" x2="{}" y1="{y}" y2="{y}" stroke="#eee"/>"##, x0 + pw);
-    }
+    log_grid(&mut s, x0, y0, pw, ph, lmax);
     for i in 0..=4 {
         let t = tmax * i as f64 / 4.0;
         let x = x0 + pw * i as f64 / 4.0;
@@ -152,6 +144,15 @@ pub fn svg(results: &[Value]) -> String {
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// Labels and grid lines of a log-scale y axis from 1 to 10^`decades`.
+fn log_grid(s: &mut String, x0: f64, y0: f64, w: f64, h: f64, decades: f64) {
+    for d in 0..=decades as i32 {
+        let y = y0 + h - h * d as f64 / decades;
+        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">1e{d}</text>"#, x0 - 5.0, y + 4.0);
+        let _ = writeln!(s, r##"<line x1="{x0}" x2="{}" y1="{y}" y2="{y}" stroke="#eee"/>"##, x0 + w);
+    }
 }
 
 fn axes(s: &mut String, x0: f64, y0: f64, w: f64, h: f64, label: &str) {
