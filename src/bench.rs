@@ -1347,25 +1347,29 @@ async fn with_retries<T, E: std::fmt::Display, F: std::future::Future<Output = R
     }
 }
 
-/// One ringpush device: connect sending preamble and HELLO (in the SYN, with Fast
-/// Open), with retries while the connect itself fails; the process's receive ring takes
+/// A ringpush device's first bytes: preamble and HELLO with its token (minted with the
+/// app's secret, valid for a day). A device holds its token before it connects, so the
+/// worker makes every HELLO before its first connect and none inside the storm.
+fn device_hello(secret: &str, i: usize, expiry: u64) -> Vec<u8> {
+    let id = format!("d{i}");
+    let token = DeviceToken::mint(secret.as_bytes(), APP, &id, expiry);
+    crate::client::hello_bytes(APP, &id, &token, 0, 0)
+}
+
+/// One ringpush device: connect sending its `hello` (in the SYN, with Fast Open), with retries while the connect itself fails; the process's receive ring takes
 /// the socket at once and sees the WELCOME, then reads and acks until it closes:
 /// messages are handled in place a received batch at a time, one ack decision per batch
 /// (cumulative, by DEVICE_ACKS). What is unacked when the run ends stays on the server,
 /// as it would for a device that went away.
 async fn ringpush_device(
     server: SocketAddr,
-    secret: &str,
+    hello: &[u8],
     i: usize,
-    expiry: u64,
     receiver: &Receiver<Received>,
     permits: &RefCell<usize>,
 ) -> Result<(), String> {
-    let id = format!("d{i}");
-    let token = DeviceToken::mint(secret.as_bytes(), APP, &id, expiry);
-    let hello = crate::client::hello_bytes(APP, &id, &token, 0, 0);
     let (fd, sent) =
-        with_retries(permits, || std::future::ready(crate::client::open_sending(server, &hello, None))).await?;
+        with_retries(permits, || std::future::ready(crate::client::open_sending(server, hello, None))).await?;
     let wire = Wire::Ringpush(Acker::new(DEVICE_ACKS, 0, 0));
     receiver.open(fd, wire, Phase::Greeting { preamble: false }, &hello[sent..], i);
     Ok(())
@@ -1501,20 +1505,26 @@ pub fn worker(args: WorkerArgs) -> Result<(), String> {
                 std::process::exit(1);
             }
         };
+        let hellos: Rc<Vec<Vec<u8>>> = Rc::new(match args.system {
+            System::Ringpush => {
+                (args.from..args.from + args.count).map(|i| device_hello(&args.secret, i, expiry)).collect()
+            }
+            _ => Vec::new(),
+        });
         // Connects device `i` after `delay` (a retry's back-off), holding a permit.
         let launch = {
             let (stats, permits, receiver) = (Rc::clone(&stats), Rc::clone(&permits), Rc::clone(&receiver));
-            let (server, secret, system, size) = (args.server, Rc::new(args.secret.clone()), args.system, args.payload);
+            let (server, from, system, size) = (args.server, args.from, args.system, args.payload);
             move |i: usize, delay: Duration| {
                 let (stats, permits, receiver) = (Rc::clone(&stats), Rc::clone(&permits), Rc::clone(&receiver));
-                let secret = Rc::clone(&secret);
+                let hellos = Rc::clone(&hellos);
                 glommio::spawn_local(async move {
                     if !delay.is_zero() {
                         glommio::timer::sleep(delay).await;
                     }
                     let r = &*receiver;
                     let connected = match system {
-                        System::Ringpush => ringpush_device(server, &secret, i, expiry, r, &permits).await,
+                        System::Ringpush => ringpush_device(server, &hellos[i - from], i, r, &permits).await,
                         System::Raw => raw_device(server, i, size, r, &permits).await,
                         // Boxed: its read buffer would make every device's task (a raw
                         // or ringpush one too) tens of KiB, copied when spawned.
