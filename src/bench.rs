@@ -1356,8 +1356,9 @@ fn device_hello(secret: &str, i: usize, expiry: u64) -> Vec<u8> {
     crate::client::hello_bytes(APP, &id, &token, 0, 0)
 }
 
-/// One ringpush device: connect sending its `hello` (in the SYN, with Fast Open), with retries while the connect itself fails; the process's receive ring takes
-/// the socket at once and sees the WELCOME, then reads and acks until it closes:
+/// One ringpush device: connect sending its `hello` (in the SYN, with Fast Open), with
+/// retries while the connect itself fails; the process's receive ring takes the socket
+/// at once and sees the WELCOME, then reads and acks until it closes:
 /// messages are handled in place a received batch at a time, one ack decision per batch
 /// (cumulative, by DEVICE_ACKS). What is unacked when the run ends stays on the server,
 /// as it would for a device that went away.
