@@ -36,43 +36,7 @@ pub fn svg(results: &[Value]) -> String {
     let _ = writeln!(s, r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#, W / 2.0, esc(&title));
 
     // Panel 1: deliveries per second over time.
-    let (x0, y0, pw, ph) = (70.0, 50.0, W - 200.0, 230.0);
-    let series: Vec<(&str, Vec<(f64, f64)>)> = results
-        .iter()
-        .map(|r| {
-            let pts = r["timeline"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|p| Some((p[0].as_f64()? / 1000.0, p[1].as_f64()?))).collect())
-                .unwrap_or_default();
-            (r["system"].as_str().unwrap_or("?"), pts)
-        })
-        .collect();
-    let tmax = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).fold(0.1, f64::max);
-    let vmax = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)).fold(1.0, f64::max);
-    axes(&mut s, x0, y0, pw, ph, "deliveries/s over time (s)");
-    for i in 0..=4 {
-        let v = vmax * i as f64 / 4.0;
-        let y = y0 + ph - ph * i as f64 / 4.0;
-        let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{:.0}</text>"#, x0 - 5.0, y + 4.0, v);
-        let t = tmax * i as f64 / 4.0;
-        let _ = writeln!(
-            s,
-            r#"<text x="{}" y="{}" text-anchor="middle">{:.1}</text>"#,
-            x0 + pw * i as f64 / 4.0,
-            y0 + ph + 16.0,
-            t
-        );
-    }
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let c = COLORS[i % COLORS.len()];
-        let path: Vec<String> =
-            pts.iter().map(|(t, v)| format!("{:.1},{:.1}", x0 + pw * t / tmax, y0 + ph - ph * v / vmax)).collect();
-        if !path.is_empty() {
-            let _ =
-                writeln!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{}"/>"#, path.join(" "));
-        }
-        legend(&mut s, x0 + pw + 20.0, y0 + 10.0 + 18.0 * i as f64, c, name);
-    }
+    time_panel(&mut s, results, 50.0, "deliveries/s over time (s)", ("timeline", 1), Scale::Linear);
 
     // Panel 2: latency percentiles, log scale (µs).
     let (x0, y0, pw, ph) = (70.0, 340.0, W - 200.0, 230.0);
@@ -111,39 +75,61 @@ pub fn svg(results: &[Value]) -> String {
     }
 
     // Panel 3: the slowest message of each 100 ms over time, log scale (µs).
-    let (x0, y0, pw, ph) = (70.0, 630.0, W - 200.0, 230.0);
-    axes(&mut s, x0, y0, pw, ph, "slowest message per 100 ms (µs, log scale) over time (s)");
-    let slowest: Vec<Vec<(f64, f64)>> = results
+    let label = "slowest message per 100 ms (µs, log scale) over time (s)";
+    time_panel(&mut s, results, 630.0, label, ("latency_timeline", 2), Scale::Log);
+    s.push_str("</svg>\n");
+    s
+}
+
+enum Scale {
+    Linear,
+    Log,
+}
+
+/// A panel with a line per system over the run: column `series.1` of each result's
+/// `series.0` array, whose entries start with ms since the measured phase began.
+fn time_panel(s: &mut String, results: &[Value], y0: f64, label: &str, series: (&str, usize), scale: Scale) {
+    let (x0, pw, ph) = (70.0, W - 200.0, 230.0);
+    let lines: Vec<Vec<(f64, f64)>> = results
         .iter()
         .map(|r| {
-            r["latency_timeline"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|p| Some((p[0].as_f64()? / 1000.0, p[2].as_f64()?.max(1.0)))).collect())
-                .unwrap_or_default()
+            let point = |p: &Value| Some((p[0].as_f64()? / 1000.0, p[series.1].as_f64()?));
+            r[series.0].as_array().map(|a| a.iter().filter_map(point).collect()).unwrap_or_default()
         })
         .collect();
-    let tmax = slowest.iter().flatten().map(|q| q.0).fold(0.1, f64::max);
-    let lmax = slowest.iter().flatten().map(|q| q.1).fold(10.0, f64::max).log10().ceil();
-    log_grid(&mut s, x0, y0, pw, ph, lmax);
+    let tmax = lines.iter().flatten().map(|q| q.0).fold(0.1, f64::max);
+    let vmax = lines.iter().flatten().map(|q| q.1).fold(1.0, f64::max);
+    axes(s, x0, y0, pw, ph, label);
+    let decades = vmax.max(10.0).log10().ceil();
+    match scale {
+        Scale::Linear => {
+            for i in 0..=4 {
+                let y = y0 + ph - ph * i as f64 / 4.0;
+                let v = vmax * i as f64 / 4.0;
+                let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{v:.0}</text>"#, x0 - 5.0, y + 4.0);
+            }
+        }
+        Scale::Log => log_grid(s, x0, y0, pw, ph, decades),
+    }
+    // Height of a value within the panel, 0 to `ph`.
+    let height = |v: f64| match scale {
+        Scale::Linear => ph * v / vmax,
+        Scale::Log => ph * v.max(1.0).log10() / decades,
+    };
     for i in 0..=4 {
-        let t = tmax * i as f64 / 4.0;
-        let x = x0 + pw * i as f64 / 4.0;
+        let (x, t) = (x0 + pw * i as f64 / 4.0, tmax * i as f64 / 4.0);
         let _ = writeln!(s, r#"<text x="{x}" y="{}" text-anchor="middle">{t:.1}</text>"#, y0 + ph + 16.0);
     }
-    for (i, (r, pts)) in results.iter().zip(&slowest).enumerate() {
+    for (i, (r, pts)) in results.iter().zip(&lines).enumerate() {
         let c = COLORS[i % COLORS.len()];
-        let path: Vec<String> = pts
-            .iter()
-            .map(|(t, v)| format!("{:.1},{:.1}", x0 + pw * t / tmax, y0 + ph - ph * v.log10() / lmax))
-            .collect();
+        let path: Vec<String> =
+            pts.iter().map(|(t, v)| format!("{:.1},{:.1}", x0 + pw * t / tmax, y0 + ph - height(*v))).collect();
         if !path.is_empty() {
             let _ =
                 writeln!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{}"/>"#, path.join(" "));
         }
-        legend(&mut s, x0 + pw + 20.0, y0 + 10.0 + 18.0 * i as f64, c, r["system"].as_str().unwrap_or("?"));
+        legend(s, x0 + pw + 20.0, y0 + 10.0 + 18.0 * i as f64, c, r["system"].as_str().unwrap_or("?"));
     }
-    s.push_str("</svg>\n");
-    s
 }
 
 /// Labels and grid lines of a log-scale y axis from 1 to 10^`decades`.
