@@ -1825,12 +1825,21 @@ impl Reactor {
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        //
+        // Upstream replaces it on every pass, asleep or not: a cancellation, a
+        // timeout and its linked eventfd write, and their completions, on a
+        // path a ringpush shard takes about once per push. It is armed again
+        // only once it has fired instead; it then counts completions from when
+        // it was armed rather than from this pass, so at worst it preempts
+        // once per `ring_depth` completions (ringpush: VENDORED.md).
+        if !self.throughput_timer_pending() {
+            self.throughput_preemption_timeout_src.replace(Some(
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                ),
+            ));
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1900,6 +1909,14 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
+    }
+
+    /// Whether the throughput timer was queued and has not completed.
+    fn throughput_timer_pending(&self) -> bool {
+        let src = self.throughput_preemption_timeout_src.take();
+        let pending = src.as_ref().is_some_and(|s| s.result().is_none());
+        self.throughput_preemption_timeout_src.set(src);
+        pending
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
