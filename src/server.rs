@@ -563,4 +563,59 @@ mod tests {
             }
         }
     }
+    /// Shards wake each other through glommio's shared channels, and our vendored glommio
+    /// orders a sleeping executor's "notify me" flag with fences instead of `membarrier`
+    /// (vendor/glommio/VENDORED.md). If that handshake lost a wake-up, an executor with
+    /// nothing else to do (no timer armed, as here) would sleep for good: two executors on
+    /// different CPUs bounce a token back and forth, parking between every hop.
+    #[test]
+    fn executors_that_park_between_messages_never_miss_a_wake_up() {
+        const ROUND_TRIPS: u32 = 20_000;
+        let cpus = affinity_cpus();
+        let place = |i: usize| match cpus.get(i) {
+            Some(&cpu) if cpus.len() > 1 => Placement::Fixed(cpu),
+            _ => Placement::Unbound,
+        };
+        let (ping_tx, ping_rx) = shared_channel::new_bounded::<u32>(1);
+        let (pong_tx, pong_rx) = shared_channel::new_bounded::<u32>(1);
+        let (done_tx, done_rx) = mpsc::channel::<(&'static str, u32)>();
+        let done = done_tx.clone();
+        let a = LocalExecutorBuilder::new(place(0))
+            .spawn(move || async move {
+                let (tx, rx) = (ping_tx.connect().await, pong_rx.connect().await);
+                let mut last = 0;
+                for i in 0..ROUND_TRIPS {
+                    tx.send(i).await.unwrap();
+                    last = rx.recv().await.unwrap();
+                }
+                done.send(("pinger", last)).unwrap();
+            })
+            .unwrap();
+        let b = LocalExecutorBuilder::new(place(1))
+            .spawn(move || async move {
+                let (rx, tx) = (ping_rx.connect().await, pong_tx.connect().await);
+                let mut n = 0;
+                while let Some(i) = rx.recv().await {
+                    tx.send(i).await.unwrap();
+                    n += 1;
+                    if n == ROUND_TRIPS {
+                        break;
+                    }
+                }
+                done_tx.send(("ponger", n)).unwrap();
+            })
+            .unwrap();
+        let mut finished = Vec::new();
+        for _ in 0..2 {
+            // Generous: 20 000 round trips take a few seconds on the slowest machine we use.
+            match done_rx.recv_timeout(std::time::Duration::from_secs(120)) {
+                Ok(who) => finished.push(who),
+                Err(_) => panic!("an executor missed a wake-up: only {finished:?} finished"),
+            }
+        }
+        finished.sort();
+        assert_eq!(finished, vec![("pinger", ROUND_TRIPS - 1), ("ponger", ROUND_TRIPS)]);
+        a.join().unwrap();
+        b.join().unwrap();
+    }
 }
