@@ -1914,7 +1914,7 @@ impl Reactor {
     /// Whether the throughput timer was queued and has not completed.
     fn throughput_timer_pending(&self) -> bool {
         let src = self.throughput_preemption_timeout_src.take();
-        let pending = src.as_ref().is_some_and(|s| s.result().is_none());
+        let pending = src.as_ref().map_or(false, |s| s.result().is_none());
         self.throughput_preemption_timeout_src.set(src);
         pending
     }
