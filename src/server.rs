@@ -57,6 +57,15 @@ pub fn affinity_cpus() -> Vec<usize> {
     }
 }
 
+/// Where shard `id`'s executor runs: pinned to a CPU of `cpus`, wrapping around, or
+/// unpinned when the affinity mask is unknown.
+fn shard_placement(cpus: &[usize], id: usize) -> Placement {
+    match cpus.len() {
+        0 => Placement::Unbound,
+        n => Placement::Fixed(cpus[id % n]),
+    }
+}
+
 /// A listening socket in the SO_REUSEPORT group of `addr`.
 ///
 /// The first socket (`exclusive`) binds without SO_REUSEPORT and sets it only before
@@ -275,8 +284,7 @@ pub fn run_with_clock(
     let (ready_tx, ready_rx) = mpsc::channel::<usize>();
     let mut handles = Vec::with_capacity(n);
     for boot in boots {
-        let cpu = cpus[boot.id % cpus.len().max(1)];
-        let placement = if cpus.is_empty() { Placement::Unbound } else { Placement::Fixed(cpu) };
+        let placement = shard_placement(&cpus, boot.id);
         let (shared, ready_tx) = (Arc::clone(&shared), ready_tx.clone());
         let h = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{}", boot.id))
@@ -563,24 +571,28 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn shards_wrap_around_the_affinity_mask_and_float_when_it_is_unknown() {
+        assert!(matches!(shard_placement(&[], 3), Placement::Unbound));
+        assert!(matches!(shard_placement(&[2, 5], 0), Placement::Fixed(2)));
+        assert!(matches!(shard_placement(&[2, 5], 3), Placement::Fixed(5)));
+    }
+
     /// Shards wake each other through glommio's shared channels, and our vendored glommio
     /// orders a sleeping executor's "notify me" flag with fences instead of `membarrier`
     /// (vendor/glommio/VENDORED.md). If that handshake lost a wake-up, an executor with
-    /// nothing else to do (no timer armed, as here) would sleep for good: two executors on
-    /// different CPUs bounce a token back and forth, parking between every hop.
+    /// nothing else to do (no timer armed, as here) would sleep for good: two executors,
+    /// placed as shards 0 and 1 are, bounce a token back and forth, parking between hops.
     #[test]
     fn executors_that_park_between_messages_never_miss_a_wake_up() {
         const ROUND_TRIPS: u32 = 20_000;
         let cpus = affinity_cpus();
-        let place = |i: usize| match cpus.get(i) {
-            Some(&cpu) if cpus.len() > 1 => Placement::Fixed(cpu),
-            _ => Placement::Unbound,
-        };
         let (ping_tx, ping_rx) = shared_channel::new_bounded::<u32>(1);
         let (pong_tx, pong_rx) = shared_channel::new_bounded::<u32>(1);
         let (done_tx, done_rx) = mpsc::channel::<(&'static str, u32)>();
         let done = done_tx.clone();
-        let a = LocalExecutorBuilder::new(place(0))
+        let a = LocalExecutorBuilder::new(shard_placement(&cpus, 0))
             .spawn(move || async move {
                 let (tx, rx) = (ping_tx.connect().await, pong_rx.connect().await);
                 let mut last = 0;
@@ -591,7 +603,7 @@ mod tests {
                 done.send(("pinger", last)).unwrap();
             })
             .unwrap();
-        let b = LocalExecutorBuilder::new(place(1))
+        let b = LocalExecutorBuilder::new(shard_placement(&cpus, 1))
             .spawn(move || async move {
                 let (rx, tx) = (ping_rx.connect().await, pong_tx.connect().await);
                 let mut n = 0;
