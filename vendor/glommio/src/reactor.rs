@@ -140,6 +140,12 @@ impl Timers {
             .map(|(when, _)| when.saturating_duration_since(now));
         (next, woke)
     }
+
+    /// When the next timer is due (ringpush: the wake timer is kept armed
+    /// across sleeps while this does not change, VENDORED.md).
+    fn next_deadline(&self) -> Option<Instant> {
+        self.timers.keys().next().map(|(when, _)| *when)
+    }
 }
 
 /// The reactor.
@@ -206,7 +212,9 @@ impl Reactor {
 
     #[inline(always)]
     pub(crate) fn need_preempt(&self) -> bool {
-        unsafe { *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire) }
+        let events =
+            unsafe { *self.preempt_ptr_head != (*self.preempt_ptr_tail).load(Ordering::Acquire) };
+        events || self.sys.preempt_deadline_passed()
     }
 
     pub(crate) fn id(&self) -> usize {
@@ -868,6 +876,8 @@ impl Reactor {
     pub(crate) fn react(&self, timeout: impl Fn() -> Option<Duration>) -> io::Result<bool> {
         // Process ready timers.
         let (next_timer, woke) = self.process_external_events();
+        // As a deadline: upstream passes the duration until it (ringpush).
+        let next_timer = next_timer.and(self.timers.borrow().next_deadline());
 
         // Block on I/O events.
         match self

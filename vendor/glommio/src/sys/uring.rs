@@ -1073,13 +1073,17 @@ impl SleepableRing {
             // We have now prepared the SQE that links the two rings. We now need to submit
             // it successfully to be able to safely sleep.
 
-            if self
-                .submit_sqes()
+            // Submitted and waited for in one `io_uring_enter` (upstream: two).
+            // The kernel does not wait unless the submission went in.
+            let submitted = self
+                .ring
+                .submit_sqes_and_wait(1)
+                .map(|x| x as usize)
                 .or_else(Reactor::busy_ok)
                 .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)?
-                != 1
-            {
+                .or_else(Reactor::intr_ok)?;
+            self.in_kernel += submitted;
+            if submitted != 1 {
                 // We failed to submit the `SQE` that links the rings. Just can't sleep.
                 // Waiting here is unsafe because we could end up waiting much longer than
                 // needed.
@@ -1087,14 +1091,8 @@ impl SleepableRing {
                 unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
-                // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+                // The rings were linked, and we slept.
+                Ok(1)
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1216,13 +1214,24 @@ impl UringCommon for SleepableRing {
     }
 }
 
+/// How much earlier than needed a kept wake timer may fire (ringpush).
+const WAKE_TIMER_SLACK: Duration = Duration::from_millis(1);
+
 pub(crate) struct Reactor {
     // FIXME: it is starting to feel we should clean this up to a Inner pattern
     main_ring: RefCell<SleepableRing>,
     latency_ring: RefCell<SleepableRing>,
     poll_ring: RefCell<PollRing>,
 
+    /// The timer that wakes a sleeping executor for its next user timer, and
+    /// when it was due (ringpush: kept armed while that does not change,
+    /// VENDORED.md).
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    wake_timer_due: Cell<Option<Instant>>,
+    /// When the running task queue is to be preempted: checked by the clock in
+    /// `need_preempt` instead of a timeout in the latency ring (ringpush:
+    /// VENDORED.md).
+    preempt_deadline: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1354,6 +1363,8 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            wake_timer_due: Cell::new(None),
+            preempt_deadline: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1798,7 +1809,7 @@ impl Reactor {
     pub(crate) fn wait<Preempt, F>(
         &self,
         preempt_timer: Preempt,
-        user_timer: Option<Duration>,
+        user_timer: Option<Instant>,
         mut woke: usize,
         process_remote_channels: F,
     ) -> io::Result<bool>
@@ -1815,13 +1826,34 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // Upstream cancels the old timer here regardless of whether we can
+        // sleep, and arms a new one before sleeping and another (the
+        // preemption timer) after: two timeouts, two cancellations and their
+        // `io_uring_enter` calls per pass. The wake timer is kept instead while
+        // it is pending and due when the next user timer is (or up to
+        // `WAKE_TIMER_SLACK` earlier: an early wake-up only finds nothing due
+        // and sleeps again), and preemption is a deadline read off the clock.
+        // A timer that is replaced is still dropped here, so its cancellation
+        // is flushed below before anything can reuse its slot, as upstream.
+        let keep = match (
+            self.latency_preemption_timeout_src.take(),
+            self.wake_timer_due.get(),
+            user_timer,
+        ) {
+            (Some(src), Some(armed), Some(due))
+                if src.result().is_none() && armed <= due && due - armed <= WAKE_TIMER_SLACK =>
+            {
+                self.latency_preemption_timeout_src.set(Some(src));
+                true
+            }
+            (old, ..) => {
+                drop(old);
+                false
+            }
+        };
+        if !keep {
+            self.wake_timer_due.set(None);
+        }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
@@ -1860,9 +1892,16 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
+            // A kept timer may have fired since, and its completion been consumed
+            // just above without waking anyone: only a pending one may stand in.
+            let kept = self.latency_preemption_timeout_src.take();
+            let pending = kept.as_ref().map_or(false, |s| s.result().is_none());
+            self.latency_preemption_timeout_src.set(kept);
+            if let (Some(due), false) = (user_timer, keep && pending) {
+                let dur = due.saturating_duration_since(Instant::now());
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                self.wake_timer_due.set(Some(due));
                 assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
@@ -1895,11 +1934,8 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
-        }
+        self.preempt_deadline
+            .set(preempt_timer().map(|d| Instant::now() + d));
 
         // A Note about `need_preempt`:
         //
@@ -1908,7 +1944,17 @@ impl Reactor {
         // generated after we registered the timer: since we consumed them here,
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
+        // (ringpush: the preemption timer itself is now `preempt_deadline`;
+        // the latency ring still preempts for its own I/O and the wake timer.)
         Ok(should_sleep)
+    }
+
+    /// Whether the preemption deadline set by the last `wait` has passed.
+    #[inline(always)]
+    pub(crate) fn preempt_deadline_passed(&self) -> bool {
+        self.preempt_deadline
+            .get()
+            .map_or(false, |d| Instant::now() >= d)
     }
 
     /// Whether the throughput timer was queued and has not completed.
