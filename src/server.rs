@@ -579,6 +579,20 @@ mod tests {
         assert!(matches!(shard_placement(&[2, 5], 3), Placement::Fixed(5)));
     }
 
+    /// Two executors placed as shards 0 and 1 are, running `a` and `b`.
+    fn on_two_shards<A, FA, B, FB>(a: A, b: B) -> (glommio::ExecutorJoinHandle<()>, glommio::ExecutorJoinHandle<()>)
+    where
+        A: FnOnce() -> FA + Send + 'static,
+        FA: std::future::Future<Output = ()> + 'static,
+        B: FnOnce() -> FB + Send + 'static,
+        FB: std::future::Future<Output = ()> + 'static,
+    {
+        let cpus = affinity_cpus();
+        let a = LocalExecutorBuilder::new(shard_placement(&cpus, 0)).spawn(a).unwrap();
+        let b = LocalExecutorBuilder::new(shard_placement(&cpus, 1)).spawn(b).unwrap();
+        (a, b)
+    }
+
     /// Shards wake each other through glommio's shared channels, and our vendored glommio
     /// orders a sleeping executor's "notify me" flag with fences instead of `membarrier`
     /// (vendor/glommio/VENDORED.md). If that handshake lost a wake-up, an executor with
@@ -587,13 +601,12 @@ mod tests {
     #[test]
     fn executors_that_park_between_messages_never_miss_a_wake_up() {
         const ROUND_TRIPS: u32 = 20_000;
-        let cpus = affinity_cpus();
         let (ping_tx, ping_rx) = shared_channel::new_bounded::<u32>(1);
         let (pong_tx, pong_rx) = shared_channel::new_bounded::<u32>(1);
         let (done_tx, done_rx) = mpsc::channel::<(&'static str, u32)>();
         let done = done_tx.clone();
-        let a = LocalExecutorBuilder::new(shard_placement(&cpus, 0))
-            .spawn(move || async move {
+        let (a, b) = on_two_shards(
+            move || async move {
                 let (tx, rx) = (ping_tx.connect().await, pong_rx.connect().await);
                 let mut last = 0;
                 for i in 0..ROUND_TRIPS {
@@ -601,10 +614,8 @@ mod tests {
                     last = rx.recv().await.unwrap();
                 }
                 done.send(("pinger", last)).unwrap();
-            })
-            .unwrap();
-        let b = LocalExecutorBuilder::new(shard_placement(&cpus, 1))
-            .spawn(move || async move {
+            },
+            move || async move {
                 let (rx, tx) = (ping_rx.connect().await, pong_tx.connect().await);
                 let mut n = 0;
                 while let Some(i) = rx.recv().await {
@@ -615,8 +626,8 @@ mod tests {
                     }
                 }
                 done_tx.send(("ponger", n)).unwrap();
-            })
-            .unwrap();
+            },
+        );
         let mut finished = Vec::new();
         for _ in 0..2 {
             // Generous: 20 000 round trips take a few seconds on the slowest machine we use.
@@ -640,13 +651,12 @@ mod tests {
     #[test]
     fn a_sleeping_executor_wakes_for_an_earlier_timer_and_for_one_kept_armed() {
         use std::time::{Duration, Instant};
-        let cpus = affinity_cpus();
         let start = Instant::now();
         let (tx, rx) = shared_channel::new_bounded::<u8>(8);
         let (fired_tx, fired_rx) = mpsc::channel::<(&'static str, Duration)>();
         let fired = fired_tx.clone();
-        let a = LocalExecutorBuilder::new(shard_placement(&cpus, 0))
-            .spawn(move || async move {
+        let (a, b) = on_two_shards(
+            move || async move {
                 let rx = rx.connect().await;
                 let far = glommio::spawn_local(async move {
                     glommio::timer::sleep(Duration::from_millis(600).saturating_sub(start.elapsed())).await;
@@ -664,10 +674,8 @@ mod tests {
                     }
                 }
                 far.await;
-            })
-            .unwrap();
-        let b = LocalExecutorBuilder::new(shard_placement(&cpus, 1))
-            .spawn(move || async move {
+            },
+            move || async move {
                 let tx = tx.connect().await;
                 for _ in 0..100 {
                     tx.send(1).await.unwrap();
@@ -675,8 +683,8 @@ mod tests {
                 }
                 glommio::timer::sleep(Duration::from_millis(150).saturating_sub(start.elapsed())).await;
                 tx.send(2).await.unwrap();
-            })
-            .unwrap();
+            },
+        );
         let mut got = std::collections::HashMap::new();
         for _ in 0..2 {
             // A wake timer that was never armed would leave A asleep for good.
@@ -706,12 +714,11 @@ mod tests {
     fn a_wake_timer_that_fires_on_the_way_to_sleep_is_armed_again() {
         use std::time::Duration;
         const SLEEPS: u32 = 2_000;
-        let cpus = affinity_cpus();
         let (to_b, from_a) = shared_channel::new_bounded::<u32>(4);
         let (to_a, from_b) = shared_channel::new_bounded::<u32>(4);
         let (done_tx, done_rx) = mpsc::channel::<u32>();
-        let a = LocalExecutorBuilder::new(shard_placement(&cpus, 0))
-            .spawn(move || async move {
+        let (a, b) = on_two_shards(
+            move || async move {
                 let (tx, rx) = (to_b.connect().await, from_b.connect().await);
                 let drain = glommio::spawn_local(async move { while rx.recv().await.is_some() {} });
                 for i in 0..SLEEPS {
@@ -722,10 +729,8 @@ mod tests {
                     }
                 }
                 drop((tx, drain));
-            })
-            .unwrap();
-        let b = LocalExecutorBuilder::new(shard_placement(&cpus, 1))
-            .spawn(move || async move {
+            },
+            move || async move {
                 let (rx, tx) = (from_a.connect().await, to_a.connect().await);
                 while let Some(i) = rx.recv().await {
                     glommio::timer::sleep(Duration::from_micros(950)).await;
@@ -733,8 +738,8 @@ mod tests {
                         break;
                     }
                 }
-            })
-            .unwrap();
+            },
+        );
         let mut slept = 0;
         while slept < SLEEPS {
             slept = done_rx
