@@ -119,9 +119,11 @@ impl Timers {
         self.timers.insert((when, id), waker);
     }
 
-    /// Return the duration until next event and the number of
-    /// ready and woke timers.
-    fn process_timers(&mut self) -> (Option<Duration>, usize) {
+    /// Return when the next timer is due and the number of ready and woke
+    /// timers (ringpush: a deadline, where upstream returns the duration
+    /// until it, so that the wake timer can be kept armed while it holds;
+    /// VENDORED.md).
+    fn process_timers(&mut self) -> (Option<Instant>, usize) {
         let now = Instant::now();
 
         // Split timers into ready and pending timers.
@@ -132,19 +134,8 @@ impl Timers {
             wake!(waker);
         }
 
-        // Calculate the duration until the next event.
-        let next = self
-            .timers
-            .keys()
-            .next()
-            .map(|(when, _)| when.saturating_duration_since(now));
+        let next = self.timers.keys().next().map(|(when, _)| *when);
         (next, woke)
-    }
-
-    /// When the next timer is due (ringpush: the wake timer is kept armed
-    /// across sleeps while this does not change, VENDORED.md).
-    fn next_deadline(&self) -> Option<Instant> {
-        self.timers.keys().next().map(|(when, _)| *when)
     }
 }
 
@@ -824,8 +815,8 @@ impl Reactor {
 
     /// Processes ready timers and extends the list of wakers to wake.
     ///
-    /// Returns the duration until the next timer
-    fn process_timers(&self) -> (Option<Duration>, usize) {
+    /// Returns when the next timer is due
+    fn process_timers(&self) -> (Option<Instant>, usize) {
         let mut timers = self.timers.borrow_mut();
         timers.process_timers()
     }
@@ -866,7 +857,7 @@ impl Reactor {
         Ok(woke > 0)
     }
 
-    fn process_external_events(&self) -> (Option<Duration>, usize) {
+    fn process_external_events(&self) -> (Option<Instant>, usize) {
         let (next_timer, mut woke) = self.process_timers();
         woke += self.process_shared_channels();
         (next_timer, woke)
@@ -876,8 +867,6 @@ impl Reactor {
     pub(crate) fn react(&self, timeout: impl Fn() -> Option<Duration>) -> io::Result<bool> {
         // Process ready timers.
         let (next_timer, woke) = self.process_external_events();
-        // As a deadline: upstream passes the duration until it (ringpush).
-        let next_timer = next_timer.and(self.timers.borrow().next_deadline());
 
         // Block on I/O events.
         match self

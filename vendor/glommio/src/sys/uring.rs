@@ -1223,11 +1223,11 @@ pub(crate) struct Reactor {
     latency_ring: RefCell<SleepableRing>,
     poll_ring: RefCell<PollRing>,
 
-    /// The timer that wakes a sleeping executor for its next user timer, and
-    /// when it was due (ringpush: kept armed while that does not change,
-    /// VENDORED.md).
-    latency_preemption_timeout_src: Cell<Option<Source>>,
-    wake_timer_due: Cell<Option<Instant>>,
+    /// The timeout in the latency ring that wakes a sleeping executor for its
+    /// next user timer, and when that timer is due (ringpush: kept armed while
+    /// the deadline holds; upstream also uses this source as the preemption
+    /// timer, VENDORED.md).
+    wake_timer: Cell<Option<(Source, Instant)>>,
     /// When the running task queue is to be preempted: checked by the clock in
     /// `need_preempt` instead of a timeout in the latency ring (ringpush:
     /// VENDORED.md).
@@ -1362,8 +1362,7 @@ impl Reactor {
             main_ring: RefCell::new(main_ring),
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
-            latency_preemption_timeout_src: Cell::new(None),
-            wake_timer_due: Cell::new(None),
+            wake_timer: Cell::new(None),
             preempt_deadline: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
@@ -1835,24 +1834,13 @@ impl Reactor {
         // and sleeps again), and preemption is a deadline read off the clock.
         // A timer that is replaced is still dropped here, so its cancellation
         // is flushed below before anything can reuse its slot, as upstream.
-        let keep = match (
-            self.latency_preemption_timeout_src.take(),
-            self.wake_timer_due.get(),
-            user_timer,
-        ) {
-            (Some(src), Some(armed), Some(due))
+        match (self.wake_timer.take(), user_timer) {
+            (Some((src, armed)), Some(due))
                 if src.result().is_none() && armed <= due && due - armed <= WAKE_TIMER_SLACK =>
             {
-                self.latency_preemption_timeout_src.set(Some(src));
-                true
+                self.wake_timer.set(Some((src, armed)))
             }
-            (old, ..) => {
-                drop(old);
-                false
-            }
-        };
-        if !keep {
-            self.wake_timer_due.set(None);
+            (old, _) => drop(old),
         }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
@@ -1894,14 +1882,10 @@ impl Reactor {
             // is a timer set, we need to make sure we wake up to handle it.
             // A kept timer may have fired since, and its completion been consumed
             // just above without waking anyone: only a pending one may stand in.
-            let kept = self.latency_preemption_timeout_src.take();
-            let pending = kept.as_ref().map_or(false, |s| s.result().is_none());
-            self.latency_preemption_timeout_src.set(kept);
-            if let (Some(due), false) = (user_timer, keep && pending) {
+            if let (Some(due), false) = (user_timer, self.wake_timer_pending()) {
                 let dur = due.saturating_duration_since(Instant::now());
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                self.wake_timer_due.set(Some(due));
+                let src = lat_ring.prepare_latency_preemption_timer(dur);
+                self.wake_timer.set(Some((src, due)));
                 assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
@@ -1947,6 +1931,16 @@ impl Reactor {
         // (ringpush: the preemption timer itself is now `preempt_deadline`;
         // the latency ring still preempts for its own I/O and the wake timer.)
         Ok(should_sleep)
+    }
+
+    /// Whether a wake timer is armed and has not fired.
+    fn wake_timer_pending(&self) -> bool {
+        let timer = self.wake_timer.take();
+        let pending = timer
+            .as_ref()
+            .map_or(false, |(src, _)| src.result().is_none());
+        self.wake_timer.set(timer);
+        pending
     }
 
     /// Whether the preemption deadline set by the last `wait` has passed.
