@@ -99,8 +99,8 @@ pub struct Config {
     /// Heap for queued-message references over all shards; devices beyond it are
     /// evicted (least recently used first) and read back from the store when needed.
     pub cache_bytes: u64,
-    /// Apps allowed to push. An app `demo` is added, with a secret generated and kept
-    /// in the data dir, when no app of that name is configured.
+    /// Apps allowed to push. When none is configured, an app `demo` is added, with a
+    /// secret generated and kept in the data dir, so a box runs with no config at all.
     pub apps: Vec<AppConfig>,
 }
 
@@ -190,11 +190,12 @@ impl Config {
         Ok(())
     }
 
-    /// Adds the `demo` app when it is not configured: its secret is read from
+    /// Adds the `demo` app when no app is configured: its secret is read from
     /// `<data_dir>/demo.secret`, or generated and written there on first start.
     /// Returns the secret when it came from the data dir, so startup can print it.
+    /// A box whose config lists its apps gets no app it was not told about.
     pub fn ensure_demo_app(&mut self) -> Result<Option<String>, String> {
-        if self.apps.iter().any(|a| a.id == "demo") {
+        if !self.apps.is_empty() {
             return Ok(None);
         }
         std::fs::create_dir_all(&self.data_dir)
@@ -267,5 +268,15 @@ mod tests {
         assert_eq!(s1, s2);
         assert_eq!(s1.len(), 32);
         assert_eq!(c2.ensure_demo_app().unwrap(), None, "already configured");
+    }
+
+    #[test]
+    fn no_demo_app_when_the_config_lists_apps() {
+        let dir = tempfile::tempdir().unwrap();
+        let news = AppConfig { id: "news".into(), secret: "0123456789abcdef".into() };
+        let mut c = Config { data_dir: dir.path().to_path_buf(), apps: vec![news], ..Config::default() };
+        assert_eq!(c.ensure_demo_app().unwrap(), None);
+        assert_eq!(c.apps.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["news"]);
+        assert!(!dir.path().join("demo.secret").exists(), "no secret written for an app that is not added");
     }
 }
