@@ -190,6 +190,10 @@ fn init_logging() {
 fn serve(a: ServeArgs) -> Result<(), String> {
     init_logging();
     let nofile = crate::server::raise_nofile();
+    // Before the shards' threads exist; a failure only costs the storm its stalls.
+    if let Err(e) = crate::server::presize_fd_table(crate::server::FD_TABLE_PRESIZE_MAX) {
+        tracing::warn!("cannot presize the descriptor table: {e}");
+    }
     let mut cfg = match &a.config {
         Some(p) => Config::from_file(p)?,
         None => Config::default(),

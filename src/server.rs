@@ -45,6 +45,43 @@ pub fn raise_nofile() -> u64 {
     }
 }
 
+/// Largest descriptor table [`presize_fd_table`] sets up by itself: 8 MiB of kernel
+/// memory. Beyond it the table grows by doubling as usual, a grace period each time.
+pub const FD_TABLE_PRESIZE_MAX: u64 = 1 << 20;
+
+/// Grows this process's descriptor table now to hold `n` descriptors (at most the
+/// open-files limit), so that opening the first `n` sockets never has to grow it.
+///
+/// The kernel grows the table by doubling as descriptors are allocated, and while the
+/// table is shared by several threads each growth waits for an RCU grace period
+/// (`expand_files` → `synchronize_rcu`) with every other thread that allocates a
+/// descriptor blocked behind it. From 64 to 16 384 descriptors that is nine waits of
+/// milliseconds each, in the first storm of connects after a start. Called before any
+/// thread is spawned, it waits for none. Growing is all it does: the table keeps its
+/// size after the descriptor that grew it is closed. Returns the size asked for.
+pub fn presize_fd_table(n: u64) -> std::io::Result<u64> {
+    // SAFETY: getrlimit fills a zeroed struct of the right type.
+    let limit = unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        r.rlim_cur
+    };
+    let n = n.min(limit);
+    let Some(top) = n.checked_sub(1).and_then(|t| libc::c_int::try_from(t).ok()) else { return Ok(0) };
+    let null = std::fs::File::open("/dev/null")?;
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one we close at once.
+    unsafe {
+        let fd = libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&null), libc::F_DUPFD_CLOEXEC, top);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::close(fd);
+    }
+    Ok(n)
+}
+
 /// CPUs in this process's affinity mask, in order.
 pub fn affinity_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it for pid 0 (us).
@@ -534,6 +571,25 @@ mod tests {
         }
         let (_, fds) = listeners("127.0.0.1:0".parse().unwrap(), 1, 0).unwrap();
         assert_eq!(int_opt(&fds[0], libc::IPPROTO_TCP, libc::TCP_FASTOPEN), 0);
+    }
+
+    #[test]
+    fn the_descriptor_table_is_grown_up_front_within_the_limit_and_left_empty() {
+        let limit = raise_nofile();
+        let table_size = || -> u64 {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            status.lines().find_map(|l| l.strip_prefix("FDSize:")).unwrap().trim().parse().unwrap()
+        };
+        let is_open = |fd: u64| unsafe { libc::fcntl(fd as libc::c_int, libc::F_GETFD) } >= 0;
+        let want = 3000.min(limit);
+        assert_eq!(presize_fd_table(3000).unwrap(), want);
+        assert!(table_size() >= want, "FDSize {} after asking for {want}", table_size());
+        assert!(!is_open(want - 1), "the descriptor that grew the table is closed");
+        // Asking for more than the open-files limit grows the table to the limit.
+        assert_eq!(presize_fd_table(limit + 1).unwrap(), limit);
+        assert!(table_size() >= limit);
+        assert!(!is_open(limit - 1));
+        assert_eq!(presize_fd_table(0).unwrap(), 0);
     }
 
     /// Which of `fds` has a connection waiting (non-blocking accept on each).
