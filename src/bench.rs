@@ -374,6 +374,9 @@ fn spawn_workers(args: &BenchArgs, system: System, device: SocketAddr, since: u6
 struct Ready {
     connected: u64,
     secs: f64,
+    /// The window in unix µs, to line a profile up with it.
+    first_us: u64,
+    last_us: u64,
 }
 
 /// Waits for every worker's `ready N FIRST_US LAST_US` line.
@@ -388,7 +391,7 @@ fn wait_ready(workers: &mut [Worker]) -> Result<Ready, String> {
         first = first.min(field(2)?);
         last = last.max(field(3)?);
     }
-    Ok(Ready { connected, secs: (last.saturating_sub(first) as f64 / 1e6).max(1e-6) })
+    Ok(Ready { connected, secs: (last.saturating_sub(first) as f64 / 1e6).max(1e-6), first_us: first, last_us: last })
 }
 
 /// Fails the run unless every device connected (`when` says when, after "connected").
@@ -896,6 +899,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         return crate::store_bench::run(&args);
     }
     crate::server::raise_nofile();
+    // The raw sink accepts every device in this process: its table is grown up front,
+    // as the box's and the workers' are.
+    presize_fd_table(args.devices);
     let mut systems = vec![System::Ringpush];
     systems.extend(args.compare.iter().copied().filter(|s| *s != System::Ringpush));
     if args.scenario == Scenario::Offline && systems.len() > 1 {
@@ -989,7 +995,7 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
     let delivers = matches!(args.scenario, Scenario::Unicast | Scenario::Broadcast | Scenario::Offline);
     let trace = server_pid.filter(|_| delivers).map(CpuTrace::start);
     let mut workers = spawn_workers(args, system, device_addr, began_us)?;
-    let Ready { connected, secs: connect_secs } = wait_ready(&mut workers)?;
+    let Ready { connected, secs: connect_secs, first_us: window_from, last_us: window_to } = wait_ready(&mut workers)?;
     // The storm scenario's CPU is the connect phase's (its box is restarted afterwards),
     // over the whole wait, worker start-up included, when the server is mostly idle.
     let (cpu_connected, rss_connected) = usage().unwrap_or((0.0, 0));
@@ -1015,8 +1021,8 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
                 workers = spawn_workers(args, system, device_addr, began_us)?;
                 let again = wait_ready(&mut workers)?;
                 everyone(again.connected, args.devices, " again after the restart")?;
-                idle =
-                    json!({ "reconnected": again.connected, "reconnect_per_sec": again.connected as f64 / again.secs });
+                idle = json!({ "reconnected": again.connected, "reconnect_per_sec": again.connected as f64 / again.secs,
+                        "reconnect_window_us": [again.first_us, again.last_us] });
             }
         }
         Scenario::Idle => {
@@ -1116,6 +1122,9 @@ fn run_one(args: &BenchArgs, system: System) -> Result<Value, String> {
         "server_rss_bytes": if args.scenario == Scenario::Storm { rss_connected } else { rss_after },
         "server_cpu_percent": server_cpu,
         "connect_per_sec": connected as f64 / connect_secs,
+        // The first connect's window, [first attempt, last handshake] in unix µs (a
+        // profile taken with `perf record -k CLOCK_REALTIME` can be cut to it).
+        "connect_window_us": [window_from, window_to],
         "set": args.set,
         // Deliveries per second over time: [ms since the measured phase began, rate].
         "timeline": timeline
@@ -1347,6 +1356,15 @@ async fn with_retries<T, E: std::fmt::Display, F: std::future::Future<Output = R
     }
 }
 
+/// Grows this process's descriptor table for `sockets` sockets and the few descriptors
+/// around them, before it has threads (see [`crate::server::presize_fd_table`]), so a
+/// storm of connects is not stalled by the table's growth on either side.
+fn presize_fd_table(sockets: usize) {
+    if let Err(e) = crate::server::presize_fd_table(sockets as u64 + 256) {
+        eprintln!("ringpush bench: cannot presize the descriptor table: {e}");
+    }
+}
+
 /// A ringpush device's first bytes: preamble and HELLO with its token (minted with the
 /// app's secret, valid for a day). A device holds its token before it connects, so the
 /// worker makes every HELLO before its first connect and none inside the storm.
@@ -1472,6 +1490,7 @@ async fn read_packets(
 /// stop, then report counts and the latency histogram as one JSON line.
 pub fn worker(args: WorkerArgs) -> Result<(), String> {
     crate::server::raise_nofile();
+    presize_fd_table(args.count);
     let stop = Arc::new(AtomicBool::new(false));
     let expect = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let (s, e) = (Arc::clone(&stop), Arc::clone(&expect));
