@@ -767,3 +767,23 @@ fn a_returning_device_sends_its_hello_in_the_syn_when_the_kernel_allows_it() {
         assert_eq!(after, before, "the kernel took SYN data with server Fast Open off");
     }
 }
+
+/// `serve` grows its descriptor table to its open-files limit (2^20 slots at most)
+/// before the shards start, so the accepts of a storm never wait for the table to grow
+/// (each growth in a threaded process waits for an RCU grace period).
+#[test]
+fn the_box_starts_with_its_descriptor_table_grown() {
+    let srv = Server::start(2, "");
+    let proc_file = |name: &str| std::fs::read_to_string(format!("/proc/{}/{name}", srv.pid())).unwrap();
+    let limits = proc_file("limits");
+    let soft_limit: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric open-files limit in\n{limits}"));
+    let status = proc_file("status");
+    let table: u64 = status.lines().find_map(|l| l.strip_prefix("FDSize:")).unwrap().trim().parse().unwrap();
+    assert!(table >= soft_limit.min(1 << 20), "descriptor table of {table} slots, open-files limit {soft_limit}");
+    assert!(srv.stop(T).success());
+}
