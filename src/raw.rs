@@ -15,8 +15,10 @@ const BATCH: usize = 256;
 /// The raw sink's listener and the connections it accepted.
 pub struct RawServer {
     pub addr: SocketAddr,
-    accepted: mpsc::Receiver<TcpStream>,
+    /// Accepted connections, each with the unix µs of its accept.
+    accepted: mpsc::Receiver<(TcpStream, u64)>,
     conns: Vec<TcpStream>,
+    last_accept_us: u64,
 }
 
 impl RawServer {
@@ -33,12 +35,12 @@ impl RawServer {
         std::thread::spawn(move || {
             for s in listener.incoming().flatten() {
                 let _ = s.set_nodelay(true);
-                if tx.send(s).is_err() {
+                if tx.send((s, crate::bench::unix_us())).is_err() {
                     break;
                 }
             }
         });
-        Ok(RawServer { addr, accepted: rx, conns: Vec::new() })
+        Ok(RawServer { addr, accepted: rx, conns: Vec::new(), last_accept_us: 0 })
     }
 
     /// Waits until `n` connections are accepted (10 s at most).
@@ -47,11 +49,19 @@ impl RawServer {
         while self.conns.len() < n {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.accepted.recv_timeout(left) {
-                Ok(s) => self.conns.push(s),
+                Ok((s, at)) => {
+                    self.conns.push(s);
+                    self.last_accept_us = self.last_accept_us.max(at);
+                }
                 Err(_) => return Err(format!("raw sink: {} of {n} connections", self.conns.len())),
             }
         }
         Ok(())
+    }
+
+    /// When the latest connection taken by [`RawServer::wait_for`] was accepted (unix µs).
+    pub fn last_accept_us(&self) -> u64 {
+        self.last_accept_us
     }
 
     /// Sends `messages` messages of `size` bytes (send time in the first 8 bytes),
