@@ -55,10 +55,11 @@ pub const FD_TABLE_PRESIZE_MAX: u64 = 1 << 20;
 /// The kernel grows the table by doubling as descriptors are allocated, and while the
 /// table is shared by several threads each growth waits for an RCU grace period
 /// (`expand_files` → `synchronize_rcu`) with every other thread that allocates a
-/// descriptor blocked behind it. From 64 to 16 384 descriptors that is nine waits of
+/// descriptor blocked behind it. From 64 to 16 384 descriptors that is eight waits of
 /// milliseconds each, in the first storm of connects after a start. Called before any
 /// thread is spawned, it waits for none. Growing is all it does: the table keeps its
-/// size after the descriptor that grew it is closed. Returns the size asked for.
+/// size after the descriptor that grew it is closed. Returns the number of slots it
+/// asked for: `n` capped by the open-files limit.
 pub fn presize_fd_table(n: u64) -> std::io::Result<u64> {
     // SAFETY: getrlimit fills a zeroed struct of the right type.
     let limit = unsafe {
@@ -580,6 +581,7 @@ mod tests {
             let status = std::fs::read_to_string("/proc/self/status").unwrap();
             status.lines().find_map(|l| l.strip_prefix("FDSize:")).unwrap().trim().parse().unwrap()
         };
+        // SAFETY: F_GETFD only reads the descriptor's flags, or fails for a closed one.
         let is_open = |fd: u64| unsafe { libc::fcntl(fd as libc::c_int, libc::F_GETFD) } >= 0;
         let want = 3000.min(limit);
         assert_eq!(presize_fd_table(3000).unwrap(), want);
