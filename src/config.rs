@@ -29,6 +29,19 @@ pub enum Durability {
     Memory,
 }
 
+/// Which shard accepts a new device connection (the owner shard is the device's hash
+/// either way; the accepting shard hands the others over).
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceSteering {
+    /// The shard pinned to the CPU that processed the connection's SYN, so the accept
+    /// and the handshake run where the kernel's half of it ran (the kernel's hash for a
+    /// CPU without a shard, or when shards are not one per CPU).
+    Cpu,
+    /// The kernel's hash of the connection's addresses and ports.
+    Hash,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -69,6 +82,9 @@ pub struct Config {
     /// TCP Fast Open queue of the device listener (0: off): returning devices send
     /// their HELLO in the SYN and save a round trip per reconnect.
     pub device_fastopen: u32,
+    /// Which shard accepts a device connection: the one on the CPU that took its SYN,
+    /// or the kernel's hash.
+    pub device_steering: DeviceSteering,
     /// Time a new connection has to complete the preamble and HELLO/AUTH.
     #[serde(with = "serde_str")]
     pub handshake_timeout: Duration,
@@ -123,6 +139,7 @@ impl Default for Config {
             max_queued_bytes_per_device: 4 * 1024 * 1024,
             slow_device_timeout: Duration::from_secs(10),
             device_fastopen: 4096,
+            device_steering: DeviceSteering::Cpu,
             handshake_timeout: Duration::from_secs(10),
             shard_queue: 4096,
             max_inflight_per_app: 8192,
@@ -247,6 +264,15 @@ mod tests {
         c.validate().unwrap();
         assert!(toml::from_str::<Config>("hartbeat = \"5s\"").is_err());
         assert!(toml::from_str::<Config>("heartbeat = \"5\"").is_err());
+    }
+
+    #[test]
+    fn device_steering_is_by_cpu_unless_the_config_says_hash() {
+        assert_eq!(Config::default().device_steering, DeviceSteering::Cpu);
+        let c: Config = toml::from_str("device_steering = \"hash\"").unwrap();
+        assert_eq!(c.device_steering, DeviceSteering::Hash);
+        let e = toml::from_str::<Config>("device_steering = \"rss\"").unwrap_err().to_string();
+        assert!(e.contains("cpu") && e.contains("hash"), "the error names the choices: {e}");
     }
 
     #[test]

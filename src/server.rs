@@ -7,7 +7,7 @@
 //! bind the port it got.
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, DeviceSteering};
 use crate::shard::{Reply, Request, ShardCore, Shared, TICK};
 use glommio::channels::shared_channel::{self, ConnectedSender, SharedReceiver, SharedSender};
 use glommio::net::{TcpListener, TcpStream};
@@ -232,6 +232,38 @@ pub(crate) fn steer_by_source_port(listener: &impl AsRawFd, n: usize) -> std::io
     set_opt(listener, libc::SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &fprog)
 }
 
+/// Makes the kernel hand each new connection of `listener`'s SO_REUSEPORT group to the
+/// socket of the shard pinned to the CPU that processes the connection's SYN:
+/// `shard_cpus[i]` is shard `i`'s CPU, and the group keeps its sockets in shard order
+/// (see [`steer_by_source_port`]). A connection whose SYN another CPU processed falls
+/// back to the kernel's hash (an index out of range). On a box whose network card
+/// spreads flows over its receive queues, and each queue's interrupt over the CPUs, the
+/// accept, the HELLO and the WELCOME then run on the CPU that already holds the new
+/// socket in its cache, and waking the shard needs no interrupt to another CPU.
+pub(crate) fn steer_by_cpu(listener: &impl AsRawFd, shard_cpus: &[usize]) -> std::io::Result<()> {
+    use libc::{BPF_ABS, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W};
+    const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+    let stmt = |code: u32, k: u32| libc::sock_filter { code: code as u16, jt: 0, jf: 0, k };
+    let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter { code: code as u16, jt, jf, k };
+    // A = the processing CPU (an ancillary load); then one test-and-return per shard.
+    let mut prog = vec![stmt(BPF_LD | BPF_W | BPF_ABS, (libc::SKF_AD_OFF + libc::SKF_AD_CPU) as u32)];
+    for (shard, &cpu) in shard_cpus.iter().enumerate() {
+        prog.push(jump(BPF_JMP | BPF_JEQ | BPF_K, cpu as u32, 0, 1));
+        prog.push(stmt(BPF_RET | BPF_K, shard as u32));
+    }
+    prog.push(stmt(BPF_RET | BPF_K, u32::MAX));
+    let len = u16::try_from(prog.len()).map_err(|_| std::io::Error::other("too many shards to steer by CPU"))?;
+    // The kernel copies the program during the call; `prog` outlives it.
+    let fprog = libc::sock_fprog { len, filter: prog.as_mut_ptr() };
+    set_opt(listener, libc::SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &fprog)
+}
+
+/// The CPU of each shard when every shard has a CPU of its own (`shards` ≤ CPUs in the
+/// affinity mask; shard `i` runs on `cpus[i]`, see [`shard_placement`]), else `None`.
+fn shard_cpus(cpus: &[usize], shards: usize) -> Option<Vec<usize>> {
+    (shards > 1 && shards <= cpus.len()).then(|| cpus[..shards].to_vec())
+}
+
 /// Everything one shard's executor needs, all `Send`.
 struct ShardBoot {
     id: usize,
@@ -277,6 +309,14 @@ pub fn run_with_clock(
         // another shard owns crosses cores, as for a client that is not shard-aware.
         if let Err(e) = steer_by_source_port(&app_fds[0], n) {
             tracing::warn!("app connections are not steered to shards by source port: {e}");
+        }
+    }
+    if cfg.device_steering == DeviceSteering::Cpu {
+        // Without a CPU per shard the kernel's hash places device connections.
+        if let Some(shard_cpus) = shard_cpus(&cpus, n) {
+            if let Err(e) = steer_by_cpu(&device_fds[0], &shard_cpus) {
+                tracing::warn!("device connections are not steered to the shard on their CPU: {e}");
+            }
         }
     }
     let (http_addr, mut http_fd) = listeners(cfg.http_listen, 1, 0)?;
@@ -628,6 +668,59 @@ mod tests {
                 assert_eq!(accepted_by(&fds), vec![usize::from(k % 3)], "{host}, port residue {}", k % 3);
             }
         }
+    }
+
+    /// Runs `f` on this thread pinned to the CPU it is on, restoring its mask after;
+    /// gives `f` that CPU.
+    fn pinned_here<T>(f: impl FnOnce(usize) -> T) -> T {
+        // SAFETY: cpu_set_t is plain data; sched_getcpu and sched_{get,set}affinity act
+        // on the calling thread (pid 0) with live, correctly sized sets.
+        unsafe {
+            let mut old: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old), 0);
+            let cpu = usize::try_from(libc::sched_getcpu()).expect("sched_getcpu");
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut one);
+            assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one), 0);
+            let r = f(cpu);
+            assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &old), 0);
+            r
+        }
+    }
+
+    #[test]
+    fn device_connections_go_to_the_listener_of_the_shard_on_their_cpu() {
+        pinned_here(|cpu| {
+            let elsewhere = cpu + 1;
+            for host in ["127.0.0.1:0", "[::1]:0"] {
+                // (shard CPUs, which listener must accept): loopback processes a SYN on
+                // the connecting thread's CPU.
+                for (cpus, want) in [(vec![cpu, elsewhere], 0), (vec![elsewhere, elsewhere + 1, cpu], 2)] {
+                    let (addr, fds) = listeners(host.parse().unwrap(), cpus.len(), 0).unwrap();
+                    steer_by_cpu(&fds[0], &cpus).unwrap();
+                    for _ in 0..6 {
+                        let _c = std::net::TcpStream::connect(addr).unwrap();
+                        assert_eq!(accepted_by(&fds), vec![want], "{host}, shard CPUs {cpus:?}");
+                    }
+                }
+                // No shard on this CPU: the kernel's hash, so some listener accepts each.
+                let (addr, fds) = listeners(host.parse().unwrap(), 2, 0).unwrap();
+                steer_by_cpu(&fds[0], &[elsewhere, elsewhere + 1]).unwrap();
+                for _ in 0..6 {
+                    let _c = std::net::TcpStream::connect(addr).unwrap();
+                    assert_eq!(accepted_by(&fds).len(), 1, "{host}: one listener accepts");
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn shards_are_steered_by_cpu_only_when_each_has_a_cpu_of_its_own() {
+        assert_eq!(shard_cpus(&[2, 5, 7], 2), Some(vec![2, 5]));
+        assert_eq!(shard_cpus(&[2, 5], 2), Some(vec![2, 5]));
+        assert_eq!(shard_cpus(&[2, 5], 3), None, "two shards would share a CPU");
+        assert_eq!(shard_cpus(&[2, 5], 1), None, "one shard accepts everything anyway");
+        assert_eq!(shard_cpus(&[], 2), None, "affinity unknown: shards float");
     }
 
     #[test]

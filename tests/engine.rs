@@ -787,3 +787,43 @@ fn the_box_starts_with_its_descriptor_table_grown() {
     assert!(table >= soft_limit.min(1 << 20), "descriptor table of {table} slots, open-files limit {soft_limit}");
     assert!(srv.stop(T).success());
 }
+
+/// With a CPU per shard (`device_steering = "cpu"`, the default) the shard pinned to the
+/// CPU that processed a device connection's SYN accepts it; on loopback that is the
+/// connecting thread's CPU.
+#[test]
+fn device_connections_are_accepted_by_the_shard_on_the_cpu_of_their_syn() {
+    let cpus = ringpush::server::affinity_cpus();
+    assert!(cpus.len() >= 2, "this test needs two CPUs in its affinity mask, it has {cpus:?}");
+    let srv = Server::start(2, "");
+    let accepted = || {
+        [0, 1].map(|s| metric_sum(srv.http, &format!("ringpush_device_connections_accepted_total{{shard=\"{s}\"}}")))
+    };
+    for shard in [1, 0, 1] {
+        let before = accepted();
+        let (addr, cpu) = (srv.device, cpus[shard]);
+        // Eight connections from a thread pinned to the shard's CPU, held until counted.
+        let held: Vec<std::net::TcpStream> = std::thread::spawn(move || {
+            // SAFETY: cpu_set_t is plain data; the mask applies to this thread (pid 0).
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0);
+            }
+            (0..8).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect()
+        })
+        .join()
+        .unwrap();
+        let deadline = std::time::Instant::now() + T;
+        let mut now = accepted();
+        while now[0] + now[1] < before[0] + before[1] + 8.0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            now = accepted();
+        }
+        let mut want = before;
+        want[shard] += 8.0;
+        assert_eq!(now, want, "connections from CPU {cpu} (shard {shard}'s), accepted per shard before: {before:?}");
+        drop(held);
+    }
+    assert!(srv.stop(T).success());
+}
