@@ -105,4 +105,5 @@ fn storm_connects_everyone_again_after_a_restart_on_the_same_ports() {
     assert!(r["connect_per_sec"].as_f64().unwrap() > 0.0, "{r}");
     assert_eq!(r["reconnected"], 300, "everyone reconnects after the restart: {r}");
     assert!(r["reconnect_per_sec"].as_f64().is_some_and(|v| v > 0.0), "{r}");
+    assert!(r["warm_up_connect_per_sec"].as_f64().is_some_and(|v| v > 0.0), "an untimed raw round first: {r}");
 }
