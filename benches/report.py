@@ -55,6 +55,9 @@ for scenario, extra, compare in SCENARIOS:
             again = [r["reconnect_per_sec"] for r in rs if "reconnect_per_sec" in r]
             print(f"| {system} | {fmt([r['connect_per_sec'] for r in rs])} | {fmt([r.get('ratio_to_raw', 0) for r in rs], 2)} | "
                   f"{fmt(again) if again else '—'} |")
+        warm = [r["warm_up_connect_per_sec"] for r in next(iter(rows.values())) if "warm_up_connect_per_sec" in r]
+        if warm:
+            print(f"\nThe untimed raw round before them (a cold kernel): {fmt(warm)} connects/s.")
         continue
     if scenario == "idle":
         print("| system | devices | RSS per device, bytes | kernel per socket, bytes | connects/s |")
