@@ -250,7 +250,11 @@ fn doctor(a: DoctorArgs) -> Result<(), String> {
         Some(p) => Config::from_file(p)?,
         None => Config::default(),
     };
-    let plan = Plan { data_dir: a.data_dir.unwrap_or(cfg.data_dir), shards: a.shards.unwrap_or(cfg.shards) };
+    let plan = Plan {
+        data_dir: a.data_dir.unwrap_or(cfg.data_dir),
+        shards: a.shards.unwrap_or(cfg.shards),
+        device_steering: cfg.device_steering,
+    };
     let checks = run_checks(&RealHost { root: a.root }, &plan);
     let fails = checks.iter().filter(|c| c.status == Status::Fail).count();
     if a.json {

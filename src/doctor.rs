@@ -7,6 +7,7 @@
 //! program's output. Exit status is non-zero when any check FAILs. WARN marks tuning
 //! that limits scale but lets the box run.
 
+use crate::config::DeviceSteering;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -71,6 +72,17 @@ pub trait Host {
     fn free_bytes(&self, path: &Path) -> Option<u64>;
     /// Block device (major, minor) holding `path`.
     fn device_of(&self, path: &Path) -> Option<(u32, u32)>;
+    /// Names in a directory below the root (e.g. `sys/class/net`), sorted; empty if absent.
+    fn list(&self, rel: &str) -> Vec<String>;
+}
+
+/// Sorted entry names of `root/rel`, for [`Host::list`].
+fn list_dir(root: &Path, rel: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(root.join(rel))
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 /// This machine, with files read below `root` (normally `/`).
@@ -138,6 +150,10 @@ impl Host for RealHost {
         }
     }
 
+    fn list(&self, rel: &str) -> Vec<String> {
+        list_dir(&self.root, rel)
+    }
+
     fn device_of(&self, path: &Path) -> Option<(u32, u32)> {
         use std::os::unix::fs::MetadataExt;
         let dev = std::fs::metadata(path).ok()?.dev();
@@ -149,6 +165,7 @@ impl Host for RealHost {
 pub struct Plan {
     pub data_dir: PathBuf,
     pub shards: usize,
+    pub device_steering: DeviceSteering,
 }
 
 /// Keys whose value is a floor (or, for `tcp_fin_timeout`, a ceiling).
@@ -332,6 +349,8 @@ pub fn run_checks(host: &dyn Host, plan: &Plan) -> Vec<Check> {
         )
     });
 
+    out.push(steering_check(host, plan.device_steering, shards, cpus));
+
     // The data dir may not exist yet: look at its nearest existing ancestor.
     let mut dir = plan.data_dir.clone();
     while !dir.exists() {
@@ -388,6 +407,51 @@ pub fn run_checks(host: &dyn Host, plan: &Plan) -> Vec<Check> {
         None => check("clock sync", "synchronised", "unknown", Status::Warn, "run chrony or systemd-timesyncd"),
     });
     out
+}
+
+/// With `device_steering = "cpu"` a device is accepted by the shard on the CPU that
+/// processed its SYN, so SYNs have to arrive on many CPUs: behind a NIC with one receive
+/// queue and no RPS, one shard would accept every device (sessions still go to their
+/// owner shards, but every handshake runs on that one core).
+fn steering_check(host: &dyn Host, steering: DeviceSteering, shards: usize, cpus: usize) -> Check {
+    const NAME: &str = "device accept steering";
+    const WANT: &str = "SYNs spread over CPUs";
+    if steering == DeviceSteering::Hash {
+        return check(NAME, WANT, "by hash (device_steering = \"hash\")", Status::Ok, "");
+    }
+    if shards <= 1 || shards > cpus {
+        return check(NAME, WANT, "by hash (not one shard per CPU)", Status::Ok, "");
+    }
+    // Physical NICs only (they have a `device` link): virtual ones (bridges, veth, ifb)
+    // take their packets on the CPU of whatever sent them.
+    let single: Vec<String> = host
+        .list("sys/class/net")
+        .into_iter()
+        .filter(|nic| host.list(&format!("sys/class/net/{nic}")).iter().any(|e| e == "device"))
+        .filter(|nic| {
+            let rx: Vec<String> = host
+                .list(&format!("sys/class/net/{nic}/queues"))
+                .into_iter()
+                .filter(|q| q.starts_with("rx-"))
+                .collect();
+            let rps = host.read(&format!("sys/class/net/{nic}/queues/rx-0/rps_cpus")).unwrap_or_default();
+            rx.len() == 1 && rps.trim().chars().all(|c| c == '0' || c == ',')
+        })
+        .collect();
+    if single.is_empty() {
+        return check(NAME, WANT, "by CPU; NICs have several RX queues or RPS", Status::Ok, "");
+    }
+    let mask = format!("{:x}", (1u128 << cpus.min(127)) - 1);
+    check(
+        NAME,
+        WANT,
+        format!("one RX queue, RPS off: {}", single.join(" ")),
+        Status::Warn,
+        &format!(
+            "run kernel-tuning/nic-affinity.sh (RPS: echo {mask} > /sys/class/net/{}/queues/rx-0/rps_cpus) or set device_steering = \"hash\"",
+            single[0]
+        ),
+    )
 }
 
 /// Prints the checks as a table.
@@ -456,6 +520,12 @@ mod tests {
             };
             link("../../devices/virtual/sda", "8:0");
             link("../../devices/virtual/sda/sda1", "8:1");
+            // A NIC with two receive queues (RSS) and the loopback, which has no device.
+            for q in ["rx-0", "rx-1"] {
+                f.put(&format!("sys/class/net/eth0/queues/{q}/rps_cpus"), "0\n");
+            }
+            std::fs::create_dir_all(f.root.path().join("sys/class/net/eth0/device")).unwrap();
+            f.put("sys/class/net/lo/queues/rx-0/rps_cpus", "0\n");
             f
         }
 
@@ -466,7 +536,8 @@ mod tests {
         }
 
         fn status_of(&self, name: &str) -> (Status, String) {
-            let plan = Plan { data_dir: self.root.path().join("data"), shards: 0 };
+            let plan =
+                Plan { data_dir: self.root.path().join("data"), shards: 0, device_steering: DeviceSteering::Cpu };
             let checks = run_checks(self, &plan);
             let c = checks.iter().find(|c| c.check == name).unwrap_or_else(|| panic!("no check {name}"));
             (c.status, c.actual.clone())
@@ -498,12 +569,15 @@ mod tests {
         fn device_of(&self, _: &Path) -> Option<(u32, u32)> {
             self.dev
         }
+        fn list(&self, rel: &str) -> Vec<String> {
+            list_dir(self.root.path(), rel)
+        }
     }
 
     #[test]
     fn a_tuned_box_passes_every_check() {
         let f = Fake::good();
-        let plan = Plan { data_dir: f.root.path().join("data"), shards: 2 };
+        let plan = Plan { data_dir: f.root.path().join("data"), shards: 2, device_steering: DeviceSteering::Cpu };
         let checks = run_checks(&f, &plan);
         let bad: Vec<_> = checks.iter().filter(|c| c.status != Status::Ok).collect();
         assert!(bad.is_empty(), "{bad:#?}");
@@ -574,7 +648,7 @@ mod tests {
     #[test]
     fn shards_disk_and_clock() {
         let mut f = Fake::good();
-        let plan = Plan { data_dir: f.root.path().join("data"), shards: 8 };
+        let plan = Plan { data_dir: f.root.path().join("data"), shards: 8, device_steering: DeviceSteering::Cpu };
         let c = run_checks(&f, &plan);
         assert_eq!(c.iter().find(|c| c.check == "shards vs CPUs").unwrap().status, Status::Warn);
         f.free = Some(5 << 30);
@@ -589,6 +663,25 @@ mod tests {
         assert_eq!(f.status_of("clock sync").0, Status::Warn);
         f.synced = None;
         assert_eq!(f.status_of("clock sync").0, Status::Warn);
+    }
+
+    #[test]
+    fn cpu_steering_wants_syns_spread_over_cpus() {
+        let f = Fake::good();
+        const NAME: &str = "device accept steering";
+        assert_eq!(f.status_of(NAME).0, Status::Ok, "two receive queues");
+        std::fs::remove_dir_all(f.root.path().join("sys/class/net/eth0/queues/rx-1")).unwrap();
+        let plan = |device_steering| Plan { data_dir: f.root.path().join("data"), shards: 0, device_steering };
+        let checks = run_checks(&f, &plan(DeviceSteering::Cpu));
+        let c = checks.iter().find(|c| c.check == NAME).unwrap();
+        assert_eq!((c.status, c.actual.as_str()), (Status::Warn, "one RX queue, RPS off: eth0"));
+        assert!(c.fix.contains("echo f > /sys/class/net/eth0/queues/rx-0/rps_cpus"), "{}", c.fix);
+        let checks = run_checks(&f, &plan(DeviceSteering::Hash));
+        assert_eq!(checks.iter().find(|c| c.check == NAME).unwrap().status, Status::Ok, "hash needs no spread");
+        f.put("sys/class/net/eth0/queues/rx-0/rps_cpus", "00000000,0000000f\n");
+        assert_eq!(f.status_of(NAME).0, Status::Ok, "RPS spreads one queue");
+        f.put("sys/class/net/veth0/queues/rx-0/rps_cpus", "0\n");
+        assert_eq!(f.status_of(NAME).0, Status::Ok, "a virtual NIC takes packets on the sender's CPU");
     }
 
     #[test]
