@@ -1,8 +1,10 @@
 //! App connections: authentication, pipelined PUSH and RECEIPT requests, replies.
 //!
 //! Runs on: whichever shard accepted the app connection (the ingress shard). A push
-//! is split by owner shard: the ingress applies its own share directly and sends the
-//! rest as [`Request::Push`] over bounded channels, remote shares first. ACCEPTED goes
+//! is split by owner shard: the ingress sends the remote shares as [`Request::Push`]
+//! over bounded channels and applies its own share once every request of the same
+//! read has gone out, so the other shards get a burst together (a burst of broadcasts
+//! then reaches each of their devices in one write, as it does here). ACCEPTED goes
 //! back only when every owner has taken the message ([`Reply::PushDone`]). If the
 //! first owner's channel is full the app gets BUSY and nothing was taken; once one
 //! owner has taken a push, the remaining shares wait for channel room instead, so a
@@ -189,6 +191,7 @@ fn on_app_bytes(core: &Rc<ShardCore>, key: usize, data: &[u8]) {
         &held
     };
     let mut pos = 0;
+    let mut local = Vec::new();
     loop {
         if core.state.borrow().apps[key].close.is_some() {
             break;
@@ -197,7 +200,7 @@ fn on_app_bytes(core: &Rc<ShardCore>, key: usize, data: &[u8]) {
             Ok(Some((frame, n))) => {
                 pos += n;
                 match frame {
-                    AppFrame::Push(p) => handle_push(core, key, &p),
+                    AppFrame::Push(p) => handle_push(core, key, &p, &mut local),
                     AppFrame::ReceiptQuery { request_id, push_id } => handle_receipt(core, key, request_id, push_id),
                     AppFrame::Ping(nonce) => send(core, key, AppFrame::Pong(nonce)),
                     AppFrame::Pong(_) => {}
@@ -215,9 +218,15 @@ fn on_app_bytes(core: &Rc<ShardCore>, key: usize, data: &[u8]) {
         }
     }
     let rest = &buf[pos..];
-    let mut st = core.state.borrow_mut();
-    let c = &mut st.apps[key];
-    c.inbuf = if rest.is_empty() || c.close.is_some() { Vec::new() } else { rest.to_vec() };
+    {
+        let mut st = core.state.borrow_mut();
+        let c = &mut st.apps[key];
+        c.inbuf = if rest.is_empty() || c.close.is_some() { Vec::new() } else { rest.to_vec() };
+    }
+    // This shard's shares, in the order they came, each answered like a remote one.
+    for req in local {
+        core.handle_request(Request::Push(req));
+    }
 }
 
 /// Refuses a request id already in flight or a connection over its in-flight cap.
@@ -235,7 +244,10 @@ fn admit(core: &ShardCore, key: usize, request_id: u64) -> Admit {
 
 const DUPLICATE: &str = "request id already in flight";
 
-fn handle_push(core: &Rc<ShardCore>, key: usize, p: &Push<'_>) {
+/// Admits one PUSH and sends its remote shares; its share for this shard goes to
+/// `local`, to be applied once the read's other requests have gone out (its pending
+/// entry is registered now and counts it as an owner still to answer).
+fn handle_push(core: &Rc<ShardCore>, key: usize, p: &Push<'_>, local: &mut Vec<PushReq>) {
     let started_us = mono_us();
     let kind = match p.target {
         Target::Device(_) => PushKind::Unicast,
@@ -308,16 +320,8 @@ fn handle_push(core: &Rc<ShardCore>, key: usize, p: &Push<'_>) {
             targets,
         };
         let Some(tx) = &core.requests[shard] else {
-            match core.apply_push(&req) {
-                // The reply waits for the flush, which runs after this request is
-                // registered as pending.
-                Ok(n) if core.needs_flush() => {
-                    pending.remaining += 1;
-                    core.commit(Reply::PushDone { to: reply_to, request_id: p.request_id, result: Ok(n) });
-                }
-                Ok(_) => pending.ok = true,
-                Err(e) => pending.err = Some(e),
-            }
+            pending.remaining += 1;
+            local.push(req);
             continue;
         };
         let forwarded = || {
