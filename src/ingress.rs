@@ -2,9 +2,10 @@
 //!
 //! Runs on: whichever shard accepted the app connection (the ingress shard). A push
 //! is split by owner shard: the ingress sends the remote shares as [`Request::Push`]
-//! over bounded channels and applies its own share once every request of the same
-//! read has gone out, so the other shards get a burst together (a burst of broadcasts
-//! then reaches each of their devices in one write, as it does here). ACCEPTED goes
+//! over bounded channels and applies its own share, directly while the read has had no
+//! remote shares, else once every request of the read has gone out, so the other
+//! shards get a burst together (a burst of broadcasts then reaches each of their
+//! devices in one write, as it does here). ACCEPTED goes
 //! back only when every owner has taken the message ([`Reply::PushDone`]). If the
 //! first owner's channel is full the app gets BUSY and nothing was taken; once one
 //! owner has taken a push, the remaining shares wait for channel room instead, so a
@@ -244,9 +245,10 @@ fn admit(core: &ShardCore, key: usize, request_id: u64) -> Admit {
 
 const DUPLICATE: &str = "request id already in flight";
 
-/// Admits one PUSH and sends its remote shares; its share for this shard goes to
-/// `local`, to be applied once the read's other requests have gone out (its pending
-/// entry is registered now and counts it as an owner still to answer).
+/// Admits one PUSH and sends its remote shares. Its share for this shard is applied at
+/// once while no request of this read had remote shares (a shard-aware app's unicasts
+/// never do); after that it goes to `local`, to be applied once the read's other
+/// requests have gone out (its pending entry counts it as an owner still to answer).
 fn handle_push(core: &Rc<ShardCore>, key: usize, p: &Push<'_>, local: &mut Vec<PushReq>) {
     let started_us = mono_us();
     let kind = match p.target {
@@ -320,8 +322,23 @@ fn handle_push(core: &Rc<ShardCore>, key: usize, p: &Push<'_>, local: &mut Vec<P
             targets,
         };
         let Some(tx) = &core.requests[shard] else {
-            pending.remaining += 1;
-            local.push(req);
+            if i > 0 || !local.is_empty() {
+                // Remote shares of this read went out: apply this one after them all,
+                // and after the local shares deferred before it, in order.
+                pending.remaining += 1;
+                local.push(req);
+                continue;
+            }
+            match core.apply_push(&req) {
+                // The reply waits for the flush, which runs after this request is
+                // registered as pending.
+                Ok(n) if core.needs_flush() => {
+                    pending.remaining += 1;
+                    core.commit(Reply::PushDone { to: reply_to, request_id: p.request_id, result: Ok(n) });
+                }
+                Ok(_) => pending.ok = true,
+                Err(e) => pending.err = Some(e),
+            }
             continue;
         };
         let forwarded = || {
