@@ -581,6 +581,52 @@ fn pipelined_requests_are_matched_by_request_id() {
 }
 
 #[test]
+fn pushes_read_together_keep_each_devices_order_across_shards() {
+    // The ingress applies its own shares after a read's remote shares: a later push to
+    // a device of the ingress shard must still come after an earlier one in that read.
+    let srv = Server::start(2, "");
+    run(|| async {
+        let on =
+            |shard: usize| (0..).map(|i| format!("o{i}")).find(|id| ringpush::routing::shard_for(APP, id, 2) == shard);
+        let (a, b) = (on(0).unwrap(), on(1).unwrap());
+        let (mut da, mut db) = (srv.device(&a).await, srv.device(&b).await);
+        let mut app = AppClient::connect_to_shard(srv.app, APP, SECRET.as_bytes(), 0, 2).await.unwrap();
+        assert_eq!(app.shard, 0);
+        let both = vec![a.clone(), b.clone()];
+        let ids = [
+            app.queue_push(PushTarget::List(&both), 0, b"1"),
+            app.queue_push(PushTarget::Device(&a), 0, b"2"),
+            app.queue_push(PushTarget::App, 0, b"3"),
+            app.queue_push(PushTarget::Device(&a), 0, b"4"),
+            app.queue_push(PushTarget::Device(&b), 0, b"5"),
+        ];
+        app.flush().await.unwrap();
+        let mut replies = HashMap::new();
+        for _ in 0..ids.len() {
+            if let AppReply::Push(r, o) = app.next_reply().await.unwrap() {
+                replies.insert(r, o);
+            }
+        }
+        assert!(ids.iter().all(|id| matches!(replies.get(id), Some(PushOutcome::Accepted(_)))), "{replies:?}");
+        for (dev, unicast) in [(&mut da, vec!["1", "2", "4"]), (&mut db, vec!["1", "5"])] {
+            let (mut got, mut broadcast) = (Vec::new(), Vec::new());
+            for _ in 0..unicast.len() + 1 {
+                let m = message(dev).await;
+                let text = String::from_utf8(m.payload).unwrap();
+                if m.broadcast {
+                    broadcast.push(text)
+                } else {
+                    got.push((m.seq, text))
+                }
+            }
+            let want: Vec<(u64, String)> =
+                unicast.iter().enumerate().map(|(i, p)| (i as u64 + 1, p.to_string())).collect();
+            assert_eq!((got, broadcast), (want, vec!["3".to_string()]));
+        }
+    });
+}
+
+#[test]
 fn sigterm_says_bye_to_devices_and_exits_zero() {
     let srv = Server::start(2, "");
     let (tx, rx) = std::sync::mpsc::channel();
