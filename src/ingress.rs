@@ -62,7 +62,8 @@ pub struct AppConn {
     pub out: Vec<u8>,
     /// A partly received request.
     pub inbuf: Vec<u8>,
-    pub pending: HashMap<u64, Pending>,
+    /// By request id (the app's choice: a keyed hash, cheaper than SipHash per push).
+    pub pending: HashMap<u64, Pending, ahash::RandomState>,
     /// Shutting down: read no more, finish what is in flight.
     pub draining: bool,
     pub close: Option<(ErrorCode, &'static str)>,
@@ -118,7 +119,7 @@ pub async fn handshake(core: Rc<ShardCore>, mut stream: TcpStream) {
             waker: None,
             out,
             inbuf: Vec::new(),
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             draining: false,
             close: None,
             final_sent: false,
