@@ -441,17 +441,27 @@ fn steering_check(host: &dyn Host, steering: DeviceSteering, shards: usize, cpus
     if single.is_empty() {
         return check(NAME, WANT, "by CPU; NICs have several RX queues or RPS", Status::Ok, "");
     }
-    let mask = format!("{:x}", (1u128 << cpus.min(127)) - 1);
+    let mask = cpu_mask(cpus);
     check(
         NAME,
         WANT,
         format!("one RX queue, RPS off: {}", single.join(" ")),
         Status::Warn,
         &format!(
-            "run kernel-tuning/nic-affinity.sh (RPS: echo {mask} > /sys/class/net/{}/queues/rx-0/rps_cpus) or set device_steering = \"hash\"",
-            single[0]
+            "run ringpush-nic-affinity --apply {nic} (kernel-tuning/nic-affinity.sh; RPS: echo {mask} > /sys/class/net/{nic}/queues/rx-0/rps_cpus) or set device_steering = \"hash\"",
+            nic = single[0]
         ),
     )
+}
+
+/// The mask of CPUs 0..n as sysfs writes it: hex, in comma-separated 32-bit words.
+fn cpu_mask(n: usize) -> String {
+    let mut words: Vec<String> = vec!["ffffffff".into(); n / 32];
+    if n % 32 != 0 || n == 0 {
+        words.push(format!("{:x}", (1u64 << (n % 32)) - 1));
+    }
+    words.reverse();
+    words.join(",")
 }
 
 /// Prints the checks as a table.
@@ -675,13 +685,26 @@ mod tests {
         let checks = run_checks(&f, &plan(DeviceSteering::Cpu));
         let c = checks.iter().find(|c| c.check == NAME).unwrap();
         assert_eq!((c.status, c.actual.as_str()), (Status::Warn, "one RX queue, RPS off: eth0"));
-        assert!(c.fix.contains("echo f > /sys/class/net/eth0/queues/rx-0/rps_cpus"), "{}", c.fix);
+        assert!(
+            c.fix.contains("--apply eth0") && c.fix.contains("echo f > /sys/class/net/eth0/queues/rx-0/rps_cpus"),
+            "{}",
+            c.fix
+        );
         let checks = run_checks(&f, &plan(DeviceSteering::Hash));
         assert_eq!(checks.iter().find(|c| c.check == NAME).unwrap().status, Status::Ok, "hash needs no spread");
         f.put("sys/class/net/eth0/queues/rx-0/rps_cpus", "00000000,0000000f\n");
         assert_eq!(f.status_of(NAME).0, Status::Ok, "RPS spreads one queue");
         f.put("sys/class/net/veth0/queues/rx-0/rps_cpus", "0\n");
         assert_eq!(f.status_of(NAME).0, Status::Ok, "a virtual NIC takes packets on the sender's CPU");
+    }
+
+    #[test]
+    fn cpu_masks_are_written_in_32_bit_words() {
+        assert_eq!(cpu_mask(2), "3");
+        assert_eq!(cpu_mask(4), "f");
+        assert_eq!(cpu_mask(32), "ffffffff");
+        assert_eq!(cpu_mask(36), "f,ffffffff");
+        assert_eq!(cpu_mask(64), "ffffffff,ffffffff");
     }
 
     #[test]
