@@ -21,7 +21,22 @@ if [ -z "$iface" ]; then
 fi
 [ -n "$iface" ] && [ -d "/sys/class/net/$iface" ] || { echo "no such interface: ${iface:-?}" >&2; exit 1; }
 ncpu=$(getconf _NPROCESSORS_ONLN)
-all_mask=$(printf '%x' $(( (1 << ncpu) - 1 )))
+
+# cpumask CPU...: the mask with those CPUs set, as /proc and /sys take it: hex in
+# comma-separated 32-bit words (a single word wider than 32 bits is refused).
+cpumask() {
+  local -a words=()
+  local w c top=0 out=""
+  for ((w = 0; w <= (ncpu - 1) / 32; w++)); do words[w]=0; done
+  for c in "$@"; do
+    words[c / 32]=$(( words[c / 32] | (1 << (c % 32)) ))
+    [ $(( c / 32 )) -gt "$top" ] && top=$(( c / 32 ))
+  done
+  out=$(printf '%x' "${words[top]}")
+  for ((w = top - 1; w >= 0; w--)); do out+=$(printf ',%08x' "${words[w]}"); done
+  echo "$out"
+}
+all_mask=$(cpumask $(seq 0 $((ncpu - 1))))
 
 set_value() { # file value
   if [ "$apply" = 1 ]; then
@@ -33,7 +48,7 @@ set_value() { # file value
 
 i=0
 for irq in $(awk -v ifc="$iface" '$0 ~ ifc { sub(":", "", $1); print $1 }' /proc/interrupts); do
-  set_value "/proc/irq/$irq/smp_affinity" "$(printf '%x' $(( 1 << (i % ncpu) )))"
+  set_value "/proc/irq/$irq/smp_affinity" "$(cpumask $(( i % ncpu )))"
   i=$((i + 1))
 done
 [ "$i" = 0 ] && echo "no per-queue interrupts for $iface in /proc/interrupts (virtual NIC?)"
@@ -47,7 +62,7 @@ done
 j=0
 for q in /sys/class/net/"$iface"/queues/tx-*; do
   [ -e "$q/xps_cpus" ] || continue
-  set_value "$q/xps_cpus" "$(printf '%x' $(( 1 << (j % ncpu) )))"
+  set_value "$q/xps_cpus" "$(cpumask $(( j % ncpu )))"
   j=$((j + 1))
 done
 [ "$apply" = 1 ] || echo "dry run: nothing written; rerun with --apply as root"

@@ -87,3 +87,24 @@ fn bad_input_on_the_command_line_fails_clearly() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("bad_token"), "{refused:?}");
 }
+
+/// `nic-affinity.sh` writes CPU masks the way /proc and /sys take them: one hex word
+/// wider than 32 bits is refused there, so big boxes need comma-separated words.
+#[test]
+fn nic_affinity_masks_are_in_32_bit_words() {
+    let script =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/kernel-tuning/nic-affinity.sh")).unwrap();
+    let start = script.find("cpumask() {").expect("cpumask function");
+    let end = start + script[start..].find("\n}\n").expect("end of cpumask") + 3;
+    let mask = |ncpu: usize, cpus: &str| {
+        let prog = format!("ncpu={ncpu}\n{}\ncpumask {cpus}", &script[start..end]);
+        let out = std::process::Command::new("bash").arg("-c").arg(prog).output().expect("bash runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(mask(2, "0 1"), "3");
+    assert_eq!(mask(4, "2"), "4");
+    assert_eq!(mask(36, &(0..36).map(|c| c.to_string()).collect::<Vec<_>>().join(" ")), "f,ffffffff");
+    assert_eq!(mask(64, "32"), "1,00000000");
+    assert_eq!(mask(96, "95"), "80000000,00000000,00000000");
+}
