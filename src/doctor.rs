@@ -457,7 +457,7 @@ fn steering_check(host: &dyn Host, steering: DeviceSteering, shards: usize, cpus
 /// The mask of CPUs 0..n as sysfs writes it: hex, in comma-separated 32-bit words.
 fn cpu_mask(n: usize) -> String {
     let mut words: Vec<String> = vec!["ffffffff".into(); n / 32];
-    if n % 32 != 0 || n == 0 {
+    if !n.is_multiple_of(32) || n == 0 {
         words.push(format!("{:x}", (1u64 << (n % 32)) - 1));
     }
     words.reverse();
