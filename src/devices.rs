@@ -220,37 +220,66 @@ impl Counts {
     }
 }
 
-/// Receipts of the most recent pushes this shard handled, bounded in count.
+/// Receipts of the most recent pushes this shard handled, bounded in count: a ring in
+/// arrival order, so the receipts of recent pushes (the ones their devices' acks
+/// update) sit together in memory, and an index from push id to the entry's sequence
+/// number that holds 4 bytes per receipt. A hash map of the counts themselves made
+/// every push and every ack a cache miss into a table of several MB.
 pub struct Receipts {
-    map: HashMap<u64, Counts, ahash::RandomState>,
-    order: VecDeque<u64>,
+    /// Oldest first; entry `i` has sequence number `front + i` (wrapping).
+    ring: VecDeque<(u64, Counts)>,
+    front: u32,
+    /// Sequence numbers, found by their entry's push id.
+    index: hashbrown::HashTable<u32>,
+    hasher: ahash::RandomState,
     cap: usize,
 }
 
 impl Receipts {
     pub fn new(cap: usize) -> Self {
-        Receipts { map: HashMap::default(), order: VecDeque::new(), cap: cap.max(1) }
+        let cap = cap.clamp(1, 1 << 31);
+        Receipts { ring: VecDeque::new(), front: 0, index: Default::default(), hasher: Default::default(), cap }
+    }
+
+    /// Position in `ring` of the receipt of `push_id`.
+    fn find(&self, push_id: u64) -> Option<usize> {
+        let (ring, front) = (&self.ring, self.front);
+        let h = self.hasher.hash_one(push_id);
+        self.index
+            .find(h, |&seq| ring[seq.wrapping_sub(front) as usize].0 == push_id)
+            .map(|&seq| seq.wrapping_sub(front) as usize)
     }
 
     pub fn get(&self, push_id: u64) -> Option<Counts> {
-        self.map.get(&push_id).copied()
+        self.find(push_id).map(|i| self.ring[i].1)
     }
 
     fn entry(&mut self, push_id: u64) -> &mut Counts {
-        if !self.map.contains_key(&push_id) {
-            if self.order.len() == self.cap {
-                if let Some(old) = self.order.pop_front() {
-                    self.map.remove(&old);
+        let i = match self.find(push_id) {
+            Some(i) => i,
+            None => {
+                if self.ring.len() == self.cap {
+                    let (old, _) = self.ring.pop_front().expect("a full ring has a front");
+                    let front = self.front;
+                    if let Ok(e) = self.index.find_entry(self.hasher.hash_one(old), |&seq| seq == front) {
+                        e.remove();
+                    }
+                    self.front = front.wrapping_add(1);
                 }
+                let seq = self.front.wrapping_add(self.ring.len() as u32);
+                self.ring.push_back((push_id, Counts::default()));
+                let (ring, front, hasher) = (&self.ring, self.front, &self.hasher);
+                let rehash = |&seq: &u32| hasher.hash_one(ring[seq.wrapping_sub(front) as usize].0);
+                self.index.insert_unique(hasher.hash_one(push_id), seq, rehash);
+                self.ring.len() - 1
             }
-            self.order.push_back(push_id);
-        }
-        self.map.entry(push_id).or_default()
+        };
+        &mut self.ring[i].1
     }
 
     fn update(&mut self, push_id: u64, f: impl FnOnce(&mut Counts)) {
-        if let Some(c) = self.map.get_mut(&push_id) {
-            f(c);
+        if let Some(i) = self.find(push_id) {
+            f(&mut self.ring[i].1);
         }
     }
 }
@@ -2011,5 +2040,40 @@ mod tests {
         r.entry(3);
         assert!(r.get(1).is_none());
         assert!(r.get(3).is_some());
+    }
+
+    #[test]
+    fn receipts_are_found_by_push_id_through_evictions_and_sequence_wrap() {
+        let cap = 1000;
+        let mut r = Receipts::new(cap);
+        r.front = u32::MAX - 1500; // sequence numbers wrap during the run
+                                   // Push ids as shards make them (shard << 48 | counter), from two shards.
+        let id = |n: u64| (n % 2) << 48 | n;
+        for n in 0..5000u64 {
+            let c = r.entry(id(n));
+            c.targeted += 1;
+            c.stored += 1;
+            // Acks come in for pushes a little older than the newest.
+            if n >= 10 {
+                r.update(id(n - 10), |c| {
+                    c.delivered += 1;
+                    c.stored -= 1;
+                });
+            }
+            r.entry(id(n)).targeted += 0; // found again, not added twice
+        }
+        assert_eq!(r.ring.len(), cap);
+        assert_eq!(r.index.len(), cap);
+        for n in 0..5000u64 {
+            let want = (n >= 4000).then_some(Counts {
+                targeted: 1,
+                delivered: u64::from(n < 4990),
+                stored: u64::from(n >= 4990),
+                expired: 0,
+            });
+            assert_eq!(r.get(id(n)), want, "push {n}");
+        }
+        r.update(id(5), |c| c.delivered += 1); // forgotten: nothing to update
+        assert!(r.get(id(5)).is_none());
     }
 }
