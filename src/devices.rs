@@ -41,7 +41,8 @@ const NIL: u32 = u32::MAX;
 #[derive(Clone, Copy, Debug)]
 pub struct QueuedMsg {
     pub seq: u64,
-    pub push_id: u64,
+    /// Its push's receipt (the push id itself is in the record).
+    pub receipt: ReceiptSeq,
     pub expiry_ms: u64,
     /// When the owner shard took it (monotonic µs), for latency histograms.
     pub enqueued_us: u64,
@@ -151,10 +152,10 @@ impl Device {
 }
 
 /// Shard-wide accounting of one message that expired before its device acked it.
-fn count_expired(receipts: &mut Receipts, stats: &mut TableStats, queued: &mut u64, push_id: u64) {
+fn count_expired(receipts: &mut Receipts, stats: &mut TableStats, queued: &mut u64, receipt: ReceiptSeq) {
     *queued -= 1;
     stats.expired += 1;
-    receipts.update(push_id, |c| {
+    receipts.update(receipt, |c| {
         c.expired += 1;
         c.stored = c.stored.saturating_sub(1);
     });
@@ -220,16 +221,28 @@ impl Counts {
     }
 }
 
+/// Where a receipt sits in [`Receipts`]: its number in arrival order, never reused
+/// (64 bits). Queued messages and broadcast entries keep the number of their push's
+/// receipt, so an ack or an expiry reaches it without a lookup by push id.
+pub type ReceiptSeq = u64;
+
+/// No receipt (a message stored by an earlier process, or one whose receipt was gone
+/// when its queue was read back from the store).
+pub const NO_RECEIPT: ReceiptSeq = u64::MAX;
+
 /// Receipts of the most recent pushes this shard handled, bounded in count: a ring in
 /// arrival order, so the receipts of recent pushes (the ones their devices' acks
 /// update) sit together in memory, and an index from push id to the entry's sequence
-/// number that holds 4 bytes per receipt. A hash map of the counts themselves made
-/// every push and every ack a cache miss into a table of several MB.
+/// number that holds 4 bytes per receipt, for the app's RECEIPT_QUERY. A hash map of
+/// the counts themselves made every push and every ack a cache miss into a table of
+/// several MB; the index alone still cost three misses per ack, so acks and expiries
+/// go by the [`ReceiptSeq`] their message keeps.
 pub struct Receipts {
-    /// Oldest first; entry `i` has sequence number `front + i` (wrapping).
+    /// Oldest first; entry `i` has sequence number `front + i`.
     ring: VecDeque<(u64, Counts)>,
-    front: u32,
-    /// Sequence numbers, found by their entry's push id.
+    front: ReceiptSeq,
+    /// Sequence numbers (their low 32 bits: the ring never holds 2^31), found by their
+    /// entry's push id.
     index: hashbrown::HashTable<u32>,
     hasher: ahash::RandomState,
     cap: usize,
@@ -243,7 +256,7 @@ impl Receipts {
 
     /// Position in `ring` of the receipt of `push_id`.
     fn find(&self, push_id: u64) -> Option<usize> {
-        let (ring, front) = (&self.ring, self.front);
+        let (ring, front) = (&self.ring, self.front as u32);
         let h = self.hasher.hash_one(push_id);
         self.index
             .find(h, |&seq| ring[seq.wrapping_sub(front) as usize].0 == push_id)
@@ -254,32 +267,47 @@ impl Receipts {
         self.find(push_id).map(|i| self.ring[i].1)
     }
 
-    fn entry(&mut self, push_id: u64) -> &mut Counts {
-        let i = match self.find(push_id) {
-            Some(i) => i,
-            None => {
-                if self.ring.len() == self.cap {
-                    let (old, _) = self.ring.pop_front().expect("a full ring has a front");
-                    let front = self.front;
-                    if let Ok(e) = self.index.find_entry(self.hasher.hash_one(old), |&seq| seq == front) {
-                        e.remove();
-                    }
-                    self.front = front.wrapping_add(1);
-                }
-                let seq = self.front.wrapping_add(self.ring.len() as u32);
-                self.ring.push_back((push_id, Counts::default()));
-                let (ring, front, hasher) = (&self.ring, self.front, &self.hasher);
-                let rehash = |&seq: &u32| hasher.hash_one(ring[seq.wrapping_sub(front) as usize].0);
-                self.index.insert_unique(hasher.hash_one(push_id), seq, rehash);
-                self.ring.len() - 1
-            }
-        };
-        &mut self.ring[i].1
+    /// The number of `push_id`'s receipt, if it is still kept (for messages read back
+    /// from the store).
+    pub fn seq_of(&self, push_id: u64) -> ReceiptSeq {
+        self.find(push_id).map_or(NO_RECEIPT, |i| self.front + i as u64)
     }
 
-    fn update(&mut self, push_id: u64, f: impl FnOnce(&mut Counts)) {
-        if let Some(i) = self.find(push_id) {
-            f(&mut self.ring[i].1);
+    /// The receipt of `push_id`, added unless it is the newest. A push reaches a
+    /// shard's table in one piece (one share, its devices here one after another), so
+    /// no older receipt has its id and adding needs no lookup.
+    fn add(&mut self, push_id: u64) -> (ReceiptSeq, &mut Counts) {
+        if self.ring.back().is_some_and(|e| e.0 == push_id) {
+            let i = self.ring.len() - 1;
+            return (self.front + i as u64, &mut self.ring[i].1);
+        }
+        debug_assert!(self.find(push_id).is_none(), "push {push_id:#x} reached this shard twice");
+        if self.ring.len() == self.cap {
+            let (old, _) = self.ring.pop_front().expect("a full ring has a front");
+            let front = self.front as u32;
+            if let Ok(e) = self.index.find_entry(self.hasher.hash_one(old), |&seq| seq == front) {
+                e.remove();
+            }
+            self.front += 1;
+        }
+        let seq = self.front + self.ring.len() as u64;
+        self.ring.push_back((push_id, Counts::default()));
+        let (ring, front, hasher) = (&self.ring, self.front as u32, &self.hasher);
+        let rehash = |&seq: &u32| hasher.hash_one(ring[seq.wrapping_sub(front) as usize].0);
+        self.index.insert_unique(hasher.hash_one(push_id), seq as u32, rehash);
+        let i = self.ring.len() - 1;
+        (seq, &mut self.ring[i].1)
+    }
+
+    /// The receipt numbered `seq`, unless it was forgotten (or `seq` is [`NO_RECEIPT`]).
+    fn at(&mut self, seq: ReceiptSeq) -> Option<&mut Counts> {
+        let i = usize::try_from(seq.wrapping_sub(self.front)).ok()?;
+        self.ring.get_mut(i).map(|e| &mut e.1)
+    }
+
+    fn update(&mut self, seq: ReceiptSeq, f: impl FnOnce(&mut Counts)) {
+        if let Some(c) = self.at(seq) {
+            f(c);
         }
     }
 }
@@ -327,6 +355,7 @@ impl TableStats {
 struct BEntry {
     bseq: u64,
     push_id: u64,
+    receipt: ReceiptSeq,
     expiry_ms: u64,
     enqueued_us: u64,
     loc: Loc,
@@ -470,6 +499,7 @@ impl DeviceTable {
                     Some(app) => t.logs[app as usize].entries.push_back(BEntry {
                         bseq: b.bseq,
                         push_id: b.push_id,
+                        receipt: NO_RECEIPT,
                         expiry_ms: b.expiry_ms,
                         enqueued_us: crate::clock::mono_us(),
                         loc,
@@ -590,7 +620,8 @@ impl DeviceTable {
                 let dead = m.expiry_ms <= now_ms;
                 let q = QueuedMsg {
                     seq: m.seq,
-                    push_id: m.push_id,
+                    // Repairs run at open, before any receipt.
+                    receipt: NO_RECEIPT,
                     expiry_ms: m.expiry_ms,
                     enqueued_us: now_us,
                     loc: l,
@@ -853,7 +884,7 @@ impl DeviceTable {
             }
             v.push(QueuedMsg {
                 seq: m.seq,
-                push_id: m.push_id,
+                receipt: self.receipts.seq_of(m.push_id),
                 expiry_ms: m.expiry_ms,
                 enqueued_us: now_us,
                 loc: l,
@@ -876,7 +907,7 @@ impl DeviceTable {
                 // Dead before eviction were counted then; these expired while cold.
                 if m.dead && m.expiry_ms > d.cold_since_ms {
                     d.forget(m);
-                    count_expired(&mut self.receipts, &mut self.stats, &mut self.queued, m.push_id);
+                    count_expired(&mut self.receipts, &mut self.stats, &mut self.queued, m.receipt);
                 }
             }
             self.hot_msgs += q.len();
@@ -987,6 +1018,9 @@ impl DeviceTable {
             Err(e) => return Err(self.store_error(e)),
         };
         self.store_ok();
+        let (receipt, c) = self.receipts.add(push_id);
+        c.targeted += 1;
+        c.stored += 1;
         let d = &mut self.devices[key];
         let seq = d.next_seq;
         d.next_seq += 1;
@@ -995,7 +1029,7 @@ impl DeviceTable {
         d.queued_bytes += payload.len() as u64;
         if d.loaded {
             let len = payload.len() as u32;
-            d.queue.push_back(QueuedMsg { seq, push_id, expiry_ms, enqueued_us: now_us, loc, len, dead: false });
+            d.queue.push_back(QueuedMsg { seq, receipt, expiry_ms, enqueued_us: now_us, loc, len, dead: false });
             self.hot_msgs += 1;
         }
         self.queued += 1;
@@ -1008,9 +1042,6 @@ impl DeviceTable {
             self.lru_touch(key);
         }
         self.stats.enqueued += 1;
-        let c = self.receipts.entry(push_id);
-        c.targeted += 1;
-        c.stored += 1;
         Ok(session)
     }
 
@@ -1046,7 +1077,7 @@ impl DeviceTable {
         let log = &self.logs[app as usize];
         let (bseq, n) = (log.next_bseq, log.devices);
         // A broadcast that reaches nobody here still gets a receipt (all zero).
-        let c = self.receipts.entry(push_id);
+        let (receipt, c) = self.receipts.add(push_id);
         c.targeted += n;
         c.stored += n;
         if n == 0 {
@@ -1056,7 +1087,7 @@ impl DeviceTable {
         let loc = match self.store.append(&rec, &mut self.head) {
             Ok(l) => l,
             Err(e) => {
-                self.receipts.update(push_id, |c| {
+                self.receipts.update(receipt, |c| {
                     c.targeted -= n;
                     c.stored -= n;
                 });
@@ -1069,6 +1100,7 @@ impl DeviceTable {
         log.entries.push_back(BEntry {
             bseq,
             push_id,
+            receipt,
             expiry_ms,
             enqueued_us: now_us,
             loc,
@@ -1114,7 +1146,7 @@ impl DeviceTable {
             self.queued -= 1;
             self.stats.acked += 1;
             self.ack_lat.record(now_us.saturating_sub(m.enqueued_us));
-            self.receipts.update(m.push_id, |c| {
+            self.receipts.update(m.receipt, |c| {
                 c.delivered += 1;
                 c.stored = c.stored.saturating_sub(1);
             });
@@ -1139,7 +1171,7 @@ impl DeviceTable {
                 e.remaining = e.remaining.saturating_sub(1);
                 self.stats.acked += 1;
                 self.ack_lat.record(now_us.saturating_sub(e.enqueued_us));
-                self.receipts.update(e.push_id, |c| {
+                self.receipts.update(e.receipt, |c| {
                     c.delivered += 1;
                     c.stored = c.stored.saturating_sub(1);
                 });
@@ -1205,7 +1237,7 @@ impl DeviceTable {
                     m.dead = true;
                     let m = *m;
                     d.forget(&m);
-                    count_expired(receipts, stats, queued, m.push_id);
+                    count_expired(receipts, stats, queued, m.receipt);
                     expired_any = true;
                     continue;
                 }
@@ -1221,7 +1253,7 @@ impl DeviceTable {
                     continue;
                 };
                 let msg =
-                    Message { flags: 0, seq: m.seq, push_id: m.push_id, expiry_ms: m.expiry_ms, payload: r.payload };
+                    Message { flags: 0, seq: m.seq, push_id: r.push_id, expiry_ms: m.expiry_ms, payload: r.payload };
                 encode_message(out, &msg);
                 d.sent_upto = m.seq;
                 if m.seq <= d.max_sent {
@@ -1298,7 +1330,7 @@ impl DeviceTable {
             if !m.dead && m.expiry_ms <= now_ms {
                 d.queue[i].dead = true;
                 d.forget(&m);
-                count_expired(&mut self.receipts, &mut self.stats, &mut self.queued, m.push_id);
+                count_expired(&mut self.receipts, &mut self.stats, &mut self.queued, m.receipt);
                 expired = true;
             }
         }
@@ -1336,7 +1368,7 @@ impl DeviceTable {
                 self.store.release(e.loc);
                 self.stats.expired += e.remaining;
                 let n = e.remaining;
-                self.receipts.update(e.push_id, |c| {
+                self.receipts.update(e.receipt, |c| {
                     c.expired += n;
                     c.stored = c.stored.saturating_sub(n);
                 });
@@ -1475,15 +1507,15 @@ impl DeviceTable {
                 store
                     .get(m.loc)
                     .and_then(|r| match r {
-                        Record::Message(r) => Some(r.payload.to_vec()),
+                        Record::Message(r) => Some((r.push_id, r.payload.to_vec())),
                         _ => None,
                     })
-                    .and_then(|payload| {
+                    .and_then(|(push_id, payload)| {
                         let rec = Record::Message(MessageRec {
                             app: &apps[d.app as usize],
                             id: &d.id,
                             seq: m.seq,
-                            push_id: m.push_id,
+                            push_id,
                             expiry_ms: m.expiry_ms,
                             prev,
                             payload: &payload,
@@ -1840,6 +1872,14 @@ mod tests {
         assert!(t.stats.loads >= 8);
         assert_eq!(t.queued(), 10);
         assert!(t.hot_msgs() <= 8);
+        // Acks of messages read back from the store still reach their receipts.
+        for d in 0..10u64 {
+            for m in 0..4 {
+                let c = t.receipt(d * 10 + m).unwrap();
+                let want = if m < 3 { (1, 1, 0) } else { (1, 0, 1) };
+                assert_eq!((c.targeted, c.delivered, c.stored), want, "push {d}-{m}");
+            }
+        }
     }
 
     /// Runs the shard's once-a-second store maintenance.
@@ -2033,47 +2073,64 @@ mod tests {
     }
 
     #[test]
-    fn receipts_forget_the_oldest_beyond_their_bound() {
-        let mut r = Receipts::new(2);
-        r.entry(1).targeted = 1;
-        r.entry(2);
-        r.entry(3);
-        assert!(r.get(1).is_none());
-        assert!(r.get(3).is_some());
+    fn a_queued_message_reference_is_48_bytes() {
+        // The cache budget (`cache_bytes`) counts these; docs/architecture.md names the size.
+        assert_eq!(std::mem::size_of::<QueuedMsg>(), 48);
     }
 
     #[test]
-    fn receipts_are_found_by_push_id_through_evictions_and_sequence_wrap() {
+    fn receipts_forget_the_oldest_beyond_their_bound() {
+        let mut r = Receipts::new(2);
+        let (first, c) = r.add(1);
+        c.targeted = 1;
+        r.add(2);
+        r.add(3);
+        assert!(r.get(1).is_none());
+        assert!(r.get(3).is_some());
+        assert_eq!(r.seq_of(1), NO_RECEIPT);
+        assert!(r.at(first).is_none(), "a forgotten receipt's number reaches nothing");
+        assert!(r.at(NO_RECEIPT).is_none());
+    }
+
+    #[test]
+    fn receipts_are_found_by_push_id_and_by_number_through_evictions_and_index_wrap() {
         let cap = 1000;
         let mut r = Receipts::new(cap);
-        r.front = u32::MAX - 1500; // sequence numbers wrap during the run
-                                   // Push ids as shards make them (shard << 48 | counter), from two shards.
+        r.front = u64::from(u32::MAX) - 1500; // the index's 32-bit numbers wrap during the run
+                                              // Push ids as shards make them (shard << 48 | counter), from two shards.
         let id = |n: u64| (n % 2) << 48 | n;
+        let mut seqs = Vec::new();
         for n in 0..5000u64 {
-            let c = r.entry(id(n));
+            let (seq, c) = r.add(id(n));
             c.targeted += 1;
             c.stored += 1;
+            seqs.push(seq);
             // Acks come in for pushes a little older than the newest.
             if n >= 10 {
-                r.update(id(n - 10), |c| {
+                r.update(seqs[n as usize - 10], |c| {
                     c.delivered += 1;
                     c.stored -= 1;
                 });
             }
-            r.entry(id(n)).targeted += 0; // found again, not added twice
+            // A push's next device on this shard: the same receipt, not a second one.
+            let (again, c) = r.add(id(n));
+            assert_eq!(again, seq);
+            c.targeted += 1;
         }
         assert_eq!(r.ring.len(), cap);
         assert_eq!(r.index.len(), cap);
         for n in 0..5000u64 {
             let want = (n >= 4000).then_some(Counts {
-                targeted: 1,
+                targeted: 2,
                 delivered: u64::from(n < 4990),
                 stored: u64::from(n >= 4990),
                 expired: 0,
             });
             assert_eq!(r.get(id(n)), want, "push {n}");
+            let kept = if n >= 4000 { seqs[n as usize] } else { NO_RECEIPT };
+            assert_eq!(r.seq_of(id(n)), kept, "push {n}");
         }
-        r.update(id(5), |c| c.delivered += 1); // forgotten: nothing to update
+        r.update(seqs[5], |c| c.delivered += 1); // forgotten: nothing to update
         assert!(r.get(id(5)).is_none());
     }
 }
