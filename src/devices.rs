@@ -411,6 +411,10 @@ pub struct DeviceTable {
     forget_cursor: usize,
     /// The compaction under way, if any.
     compaction: Option<Compaction>,
+    /// The highest push counter (the low bits of a push id) in the store when it was
+    /// opened: push ids count per process, so the next process starts above it and a
+    /// stored message's id never names a new push.
+    pub newest_push: u64,
 }
 
 /// A segment being compacted a slice at a time.
@@ -451,6 +455,7 @@ impl DeviceTable {
             quiet_errors: 0,
             forget_cursor: 0,
             compaction: None,
+            newest_push: 0,
         }
     }
 
@@ -467,8 +472,12 @@ impl DeviceTable {
         let by_id: HashMap<Box<str>, u16> = t.apps.iter().enumerate().map(|(i, a)| (a.clone(), i as u16)).collect();
         let mut tail_seq: Vec<u64> = Vec::new();
         let mut orphans = 0u64;
+        let mut newest_push = 0u64;
         let store = Store::open(dir, sopts, |loc, rec| {
             let app_of = |id: &str| by_id.get(id).copied();
+            if let Record::Message(MessageRec { push_id, .. }) | Record::Broadcast(BroadcastRec { push_id, .. }) = rec {
+                newest_push = newest_push.max(crate::shard::push_counter(push_id));
+            }
             match rec {
                 Record::Device(r) => match app_of(r.app) {
                     Some(app) => {
@@ -523,6 +532,7 @@ impl DeviceTable {
             tracing::warn!("store {}: {orphans} records of apps no longer configured ignored", dir.display());
         }
         t.store = store;
+        t.newest_push = newest_push;
         t.finish_recovery(now_ms);
         Ok(t)
     }

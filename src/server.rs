@@ -556,11 +556,13 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
         "store recovered in {:?}",
         started.elapsed()
     );
+    core.shared.push_floor.fetch_max(table.newest_push, std::sync::atomic::Ordering::Relaxed);
     core.state.borrow_mut().table = table;
     core.shared.recovered.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     while !core.shared.all_recovered() {
         glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
     }
+    core.count_push_ids_above(core.shared.push_floor.load(std::sync::atomic::Ordering::Relaxed));
     glommio::spawn_local(Rc::clone(&core).flusher()).detach();
     glommio::spawn_local(crate::session::drive(Rc::clone(&core))).detach();
 

@@ -22,7 +22,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +49,9 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// Shards whose store partition is recovered.
     pub recovered: AtomicUsize,
+    /// The highest push counter in any shard's store partition (each adds its own
+    /// before counting itself recovered): every shard's push ids start above it.
+    pub push_floor: AtomicU64,
 }
 
 impl Shared {
@@ -62,6 +65,7 @@ impl Shared {
             shutdown,
             ready: AtomicBool::new(false),
             recovered: AtomicUsize::new(0),
+            push_floor: AtomicU64::new(0),
         }
     }
 
@@ -107,6 +111,11 @@ pub enum Targets {
     Devices(Vec<String>),
     /// Every device of the app the receiving shard knows.
     App,
+}
+
+/// The counter in a push id (its low 48 bits; the shard that gave it is above).
+pub fn push_counter(push_id: u64) -> u64 {
+    push_id & ((1 << 48) - 1)
 }
 
 /// Identifies an app connection on its shard across slab-key reuse.
@@ -366,11 +375,19 @@ impl ShardCore {
         self.shared.clock.now_ms()
     }
 
-    /// A push id unique in this process: shard in the top 16 bits, a counter below.
+    /// Push ids from here on count up from above `floor` (the highest counter of any
+    /// push id still in the store), so a stored message's id never names a new push.
+    pub fn count_push_ids_above(&self, floor: u64) {
+        let mut st = self.state.borrow_mut();
+        st.next_push = st.next_push.max(floor);
+    }
+
+    /// A push id unique in this process and among those still stored: shard in the top
+    /// 16 bits, a counter below.
     pub fn next_push_id(&self) -> u64 {
         let mut st = self.state.borrow_mut();
         st.next_push += 1;
-        (self.id as u64) << 48 | (st.next_push & ((1 << 48) - 1))
+        (self.id as u64) << 48 | push_counter(st.next_push)
     }
 
     /// Applies a push to this shard's devices (stored before this returns; flushed

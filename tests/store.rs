@@ -72,6 +72,36 @@ fn offline_messages_and_broadcasts_survive_a_restart_in_order_exactly_once() {
     });
 }
 
+fn accepted_id(out: PushOutcome) -> u64 {
+    match out {
+        PushOutcome::Accepted(id) => id,
+        other => panic!("push not accepted: {other:?}"),
+    }
+}
+
+#[test]
+fn a_push_id_still_in_the_store_is_never_given_to_a_push_after_a_restart() {
+    // Push ids count per shard. A message stored by the last process and acked after a
+    // restart must not count toward a new push that got its id.
+    let srv = Server::start(1, "");
+    let old = std::cell::Cell::new(0);
+    run(|| async {
+        let mut app = srv.app().await;
+        old.set(accepted_id(app.push(PushTarget::Device("late"), 0, b"old").await.unwrap()));
+    });
+    let dir = srv.stop_keep(Duration::from_secs(10));
+    let srv = Server::launch(dir, 1, "").ready();
+    run(|| async {
+        let mut app = srv.app().await;
+        let new = accepted_id(app.push(PushTarget::Device("fresh"), 0, b"new").await.unwrap());
+        assert_ne!(new, old.get(), "a stored push's id given again");
+        let got = drain(&srv, "late", 0, 1, 0).await;
+        assert_eq!(got, [(1, false, "old".to_string())]);
+        let r = app.receipt(new).await.unwrap().unwrap();
+        assert_eq!((r.targeted, r.delivered, r.stored), (1, 0, 1), "the new push's receipt: {r:?}");
+    });
+}
+
 /// Pushes unicast messages numbered per device to `devices` offline devices until the
 /// connection breaks or `deadline`; records which numbers were ACCEPTED.
 async fn push_until_broken(srv_app: std::net::SocketAddr, devices: usize, next: &mut [u64], accepted: &mut [Vec<u64>]) {
