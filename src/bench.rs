@@ -892,6 +892,38 @@ fn settle(
     Ok(0)
 }
 
+/// How many times a run connects every device: once per system, twice for a ringpush
+/// box the run spawns in a storm (again after its restart), plus the storm's untimed
+/// raw round.
+fn connect_rounds(scenario: Scenario, systems: &[System], spawned: bool) -> u64 {
+    let storm = scenario == Scenario::Storm;
+    let per = |s: &System| if storm && spawned && *s == System::Ringpush { 2 } else { 1 };
+    systems.iter().map(per).sum::<u64>() + u64::from(storm)
+}
+
+/// How many ephemeral ports outgoing connections get (`ip_local_port_range`).
+fn ephemeral_ports() -> Option<u64> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = range.split_whitespace().map(|v| v.parse::<u64>().ok());
+    let (lo, hi) = (it.next()??, it.next()??);
+    Some(hi.saturating_sub(lo) + 1)
+}
+
+/// Why `connects` connections in one run are too many for `ports` ephemeral ports, if
+/// they are. Past the range, connects reuse the ports of connections closed moments
+/// before (whose ends may still linger in TIME_WAIT), and handshakes slow down:
+/// measured here, a storm's after-restart round ran 12.6–13.5 k/s against 78.6 k/s with
+/// the range of `kernel-tuning/` (10240–65535).
+fn port_warning(connects: u64, ports: u64) -> Option<String> {
+    (connects > ports).then(|| {
+        format!(
+            "this run opens {connects} connections but net.ipv4.ip_local_port_range has {ports} ports: \
+             ports of connections closed moments before are reused and connects slow down; \
+             apply kernel-tuning/sysctl.d/60-ringpush.conf (10240-65535)"
+        )
+    })
+}
+
 /// Runs `ringpush bench`: ringpush, then every `--compare` system; prints one table
 /// row (or JSON object) per system.
 pub fn run(args: BenchArgs) -> Result<(), String> {
@@ -907,6 +939,10 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     if args.scenario == Scenario::Offline && systems.len() > 1 {
         eprintln!("ringpush bench: offline: only ringpush keeps messages for offline devices; peers skipped");
         systems.truncate(1);
+    }
+    let rounds = connect_rounds(args.scenario, &systems, args.server.is_none());
+    if let Some(w) = ephemeral_ports().and_then(|ports| port_warning(args.devices as u64 * rounds, ports)) {
+        eprintln!("ringpush bench: warning: {w}");
     }
     let mut warm_up_per_sec = None;
     if args.scenario == Scenario::Storm {
@@ -1648,6 +1684,18 @@ const TICK: Duration = Duration::from_millis(10);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_that_needs_more_ephemeral_ports_than_the_range_has_is_warned_about() {
+        let storm = connect_rounds(Scenario::Storm, &[System::Ringpush, System::Raw], true);
+        assert_eq!(storm, 4, "warm-up, ringpush twice, raw");
+        assert_eq!(connect_rounds(Scenario::Storm, &[System::Ringpush], false), 2, "a running box is not restarted");
+        assert_eq!(connect_rounds(Scenario::Unicast, &[System::Ringpush, System::Redis], true), 2);
+        // The kernel's default range (32768-60999) against the storm of the report.
+        let w = port_warning(10_000 * storm, 60_999 - 32_768 + 1).expect("40000 connects > 28232 ports");
+        assert!(w.contains("40000 connections") && w.contains("28232 ports"), "{w}");
+        assert_eq!(port_warning(40_000, 65_535 - 10_240 + 1), None, "kernel-tuning's range holds them");
+    }
 
     #[test]
     fn pushes_fall_due_at_the_rate() {
