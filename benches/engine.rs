@@ -1,8 +1,10 @@
-//! Engine building blocks: device placement, the timer wheel, and the device table's
-//! enqueue → encode → ack cycle. Run: `cargo bench --bench engine`.
+//! Engine building blocks: device placement over shards and over a fleet's node ring,
+//! the timer wheel, and the device table's enqueue → encode → ack cycle.
+//! Run: `cargo bench --bench engine`.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use ringpush::devices::{DeviceTable, QueueLimits, TableOptions};
+use ringpush::dispatch::Ring;
 use ringpush::routing::shard_for;
 use ringpush::store::StoreOptions;
 use ringpush::timer::TimerWheel;
@@ -17,6 +19,24 @@ fn placement(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+fn ring(c: &mut Criterion) {
+    let ids: Vec<String> = (0..1024).map(|i| format!("device-{i:06}")).collect();
+    let mut g = c.benchmark_group("node_ring");
+    g.throughput(Throughput::Elements(ids.len() as u64));
+    for nodes in [3usize, 100] {
+        let names: Vec<String> = (0..nodes).map(|i| format!("push-{i:03}")).collect();
+        let ring = Ring::new(names.iter().map(|n| (n.as_str(), 100)));
+        g.bench_function(format!("{nodes}_nodes"), |b| {
+            b.iter(|| ids.iter().map(|d| ring.node_for("demo", d)).sum::<usize>())
+        });
+    }
+    g.finish();
+    let names: Vec<String> = (0..100).map(|i| format!("push-{i:03}")).collect();
+    c.bench_function("node_ring/build_100_nodes", |b| {
+        b.iter(|| Ring::new(black_box(&names).iter().map(|n| (n.as_str(), 100))).points())
+    });
 }
 
 fn wheel(c: &mut Criterion) {
@@ -67,5 +87,5 @@ fn table(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, placement, wheel, table);
+criterion_group!(benches, placement, ring, wheel, table);
 criterion_main!(benches);

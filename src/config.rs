@@ -42,6 +42,106 @@ pub enum DeviceSteering {
     Hash,
 }
 
+/// One node of a fleet, as every node's config lists it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetNode {
+    /// Unique name; placement depends on it (renaming a node moves its devices).
+    pub name: String,
+    /// `host:port` devices are told to connect to (a name or an address).
+    pub device_addr: String,
+    /// `host:port` apps are told to push to.
+    pub app_addr: String,
+    /// The node's HTTP address, probed at `/readyz`.
+    pub http_addr: SocketAddr,
+    /// Relative share of the devices (1..=1000).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+/// The fleet this box belongs to: which devices are its own, and where the others go.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FleetConfig {
+    /// This box's name among `nodes`.
+    pub node: String,
+    /// Every node of the fleet, this one included; empty = this box alone.
+    pub nodes: Vec<FleetNode>,
+    /// How often shard 0 probes every other node's `/readyz`.
+    #[serde(with = "serde_str")]
+    pub probe_interval: Duration,
+    /// A probe not answered 200 within this long failed.
+    #[serde(with = "serde_str")]
+    pub probe_timeout: Duration,
+    /// Failed probes in a row that take a node down.
+    pub fall: u32,
+    /// Good probes in a row that bring it back.
+    pub rise: u32,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            node: "local".into(),
+            nodes: Vec::new(),
+            probe_interval: Duration::from_secs(1),
+            probe_timeout: Duration::from_millis(500),
+            fall: 3,
+            rise: 2,
+        }
+    }
+}
+
+impl FleetConfig {
+    /// Checks the node list, with a message naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let name_ok = |n: &str| {
+            !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !name_ok(&self.node) {
+            return Err(format!("fleet.node {:?} must be 1 to 64 of A-Z a-z 0-9 - _ .", self.node));
+        }
+        let mut names = std::collections::HashSet::new();
+        for n in &self.nodes {
+            if !name_ok(&n.name) {
+                return Err(format!("fleet.nodes: name {:?} must be 1 to 64 of A-Z a-z 0-9 - _ .", n.name));
+            }
+            if !names.insert(n.name.as_str()) {
+                return Err(format!("fleet.nodes: {:?} is listed twice", n.name));
+            }
+            if !(1..=1000).contains(&n.weight) {
+                return Err(format!("fleet.nodes: weight of {:?} must be 1 to 1000", n.name));
+            }
+            for (key, addr) in [("device_addr", &n.device_addr), ("app_addr", &n.app_addr)] {
+                let port = addr.rsplit_once(':').map(|(host, port)| (host, port.parse::<u16>()));
+                if addr.len() > 255 || !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0) {
+                    return Err(format!(
+                        "fleet.nodes: {key} of {:?} must be host:port (at most 255 bytes), got {addr:?}",
+                        n.name
+                    ));
+                }
+            }
+        }
+        if !self.nodes.is_empty() && !names.contains(self.node.as_str()) {
+            return Err(format!("fleet.node {:?} is not among fleet.nodes", self.node));
+        }
+        let checks = [
+            ("fleet.probe_interval", self.probe_interval >= Duration::from_millis(100)),
+            ("fleet.probe_timeout", !self.probe_timeout.is_zero() && self.probe_timeout <= self.probe_interval),
+            ("fleet.fall", self.fall >= 1),
+            ("fleet.rise", self.rise >= 1),
+        ];
+        match checks.iter().find(|(_, ok)| !ok) {
+            Some((key, _)) => Err(format!("config key {key} has an unusable value")),
+            None => Ok(()),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -118,6 +218,8 @@ pub struct Config {
     /// Apps allowed to push. When none is configured, an app `demo` is added, with a
     /// secret generated and kept in the data dir, so a box runs with no config at all.
     pub apps: Vec<AppConfig>,
+    /// The fleet of push boxes this one belongs to (none: it serves every device).
+    pub fleet: FleetConfig,
 }
 
 impl Default for Config {
@@ -153,6 +255,7 @@ impl Default for Config {
             store_max_bytes: 0,
             cache_bytes: 256 * 1024 * 1024,
             apps: Vec::new(),
+            fleet: FleetConfig::default(),
         }
     }
 }
@@ -204,7 +307,7 @@ impl Config {
                 return Err(format!("config key {key} has an unusable value"));
             }
         }
-        Ok(())
+        self.fleet.validate()
     }
 
     /// Adds the `demo` app when no app is configured: its secret is read from
@@ -282,6 +385,34 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("at least 16"));
         let c = Config { window: 0, ..Config::default() };
         assert!(c.validate().unwrap_err().contains("window"));
+    }
+
+    #[test]
+    fn a_fleet_is_read_and_checked() {
+        let text = "[fleet]\nnode = \"a\"\nprobe_interval = \"2s\"\n\
+                    [[fleet.nodes]]\nname = \"a\"\ndevice_addr = \"push-a.example:7000\"\napp_addr = \"10.0.0.1:7100\"\nhttp_addr = \"10.0.0.1:7200\"\n\
+                    [[fleet.nodes]]\nname = \"b\"\ndevice_addr = \"10.0.0.2:7000\"\napp_addr = \"10.0.0.2:7100\"\nhttp_addr = \"10.0.0.2:7200\"\nweight = 50\n";
+        let c: Config = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.fleet.nodes.len(), 2);
+        assert_eq!((c.fleet.nodes[0].weight, c.fleet.nodes[1].weight), (100, 50), "weight defaults to 100");
+        assert_eq!(c.fleet.probe_interval, Duration::from_secs(2));
+        let bad = |f: &dyn Fn(&mut FleetConfig), want: &str| {
+            let mut c = c.clone();
+            f(&mut c.fleet);
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(want), "{e:?} should name {want:?}");
+        };
+        bad(&|f| f.node = "c".into(), "not among fleet.nodes");
+        bad(&|f| f.nodes[1].name = "a".into(), "listed twice");
+        bad(&|f| f.nodes[1].weight = 0, "weight");
+        bad(&|f| f.nodes[1].device_addr = "10.0.0.2".into(), "device_addr");
+        bad(&|f| f.nodes[1].app_addr = ":7100".into(), "app_addr");
+        bad(&|f| f.nodes[1].name = "b c".into(), "name");
+        bad(&|f| f.probe_timeout = Duration::from_secs(5), "fleet.probe_timeout");
+        bad(&|f| f.fall = 0, "fleet.fall");
+        assert!(toml::from_str::<Config>("[fleet]\nnodes = [{ name = \"a\" }]").is_err(), "addresses are required");
+        Config::default().validate().unwrap();
     }
 
     #[test]

@@ -10,11 +10,12 @@
 //! - [`ingress`]: app connections: auth, pipelined pushes split by owner shard, replies.
 //! - [`devices`]: the sans-IO device table: queues, seqs, acks, TTL expiry, receipts.
 //! - [`routing`]: `shard_for(app, device)`, jump consistent hash with golden vectors.
+//! - [`dispatch`]: the fleet: the weighted node ring, node health, `GET /v1/dispatch`.
 //! - [`timer`]: the hashed timer wheel behind heartbeats and expiry.
 //! - [`client`]: device and app clients on glommio (CLI, tests, load generator).
 //! - [`config`], [`duration`], [`clock`]: settings with defaults, `30s`-style
 //!   durations, injected time.
-//! - [`http`]: the HTTP port (/healthz, /readyz).
+//! - [`http`]: the HTTP port (/healthz, /readyz, /metrics, /stats, /v1/dispatch).
 //! - [`bench`]: the load generator (`ringpush bench`).
 //! - [`doctor`]: `ringpush doctor`, checks of the box (sysctls, limits, io_uring, disk, clock).
 //! - [`cli`]: the `ringpush` command line.
@@ -29,6 +30,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod devices;
+pub mod dispatch;
 pub mod doctor;
 pub mod duration;
 pub mod export;
