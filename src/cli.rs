@@ -7,7 +7,7 @@ use crate::client::{
 use crate::config::Config;
 use crate::duration;
 use clap::{Args, Parser, Subcommand};
-use ringpush_protocol::DeviceToken;
+use ringpush_protocol::{DeviceToken, ErrorCode};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -250,6 +250,8 @@ fn doctor(a: DoctorArgs) -> Result<(), String> {
         Some(p) => Config::from_file(p)?,
         None => Config::default(),
     };
+    // A config the server would refuse to start with fails the check at once.
+    cfg.validate()?;
     let plan = Plan {
         data_dir: a.data_dir.unwrap_or(cfg.data_dir),
         shards: a.shards.unwrap_or(cfg.shards),
@@ -360,11 +362,23 @@ async fn push(a: PushArgs) -> Result<(), String> {
         (false, 1) => PushTarget::Device(&a.devices[0]),
         (false, _) => PushTarget::List(&a.devices),
     };
-    match app.push(target, ttl, a.payload.as_bytes()).await.map_err(|e| e.to_string())? {
+    let mut outcome = app.push(target, ttl, a.payload.as_bytes()).await.map_err(|e| e.to_string())?;
+    if let (PushOutcome::Rejected(ErrorCode::REDIRECT, node), PushTarget::Device(_)) = (&outcome, target) {
+        // The device belongs to another node of the fleet: push there, once.
+        eprintln!("ringpush: the device belongs to the node at {node}; pushing there");
+        let mut there = AppClient::connect(node.as_str(), &a.app, a.secret.as_bytes())
+            .await
+            .map_err(|e| format!("cannot connect to {node}: {e}"))?;
+        outcome = there.push(target, ttl, a.payload.as_bytes()).await.map_err(|e| e.to_string())?;
+    }
+    match outcome {
         PushOutcome::Accepted(id) => {
             println!("{id}");
             Ok(())
         }
+        PushOutcome::Rejected(ErrorCode::REDIRECT, node) => Err(format!(
+            "push rejected: redirect: a listed device belongs to the node at {node}; push each node its own devices"
+        )),
         PushOutcome::Rejected(code, reason) => Err(format!("push rejected: {code}: {reason}")),
         PushOutcome::Busy(ms) => Err(format!("server busy, retry after {ms} ms")),
     }

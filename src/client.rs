@@ -450,6 +450,10 @@ impl DeviceClient {
         let welcome = match DeviceFrame::decode(&conn.buf[a..b], &conn.limits).map_err(ClientError::Protocol)? {
             Some((DeviceFrame::Welcome(w), _)) => w,
             Some((DeviceFrame::Error(e), _)) => return Err(ClientError::from(e)),
+            // Another node of the fleet owns the device: the message is where to go.
+            Some((DeviceFrame::Bye(b), _)) => {
+                return Err(ClientError::Server { code: b.reason, message: b.redirect.to_string() })
+            }
             Some((f, _)) => {
                 return Err(ClientError::Server {
                     code: ErrorCode::UNEXPECTED_FRAME,

@@ -271,13 +271,25 @@ fn handle_push(core: &Rc<ShardCore>, key: usize, p: &Push<'_>, local: &mut Vec<P
     if p.flags != 0 {
         return reject(ErrorCode::BAD_FRAME, "unknown push flags");
     }
+    let app = core.state.borrow().apps[key].app;
+    let app_id = &cfg.apps[app as usize].id;
+    // A device another node of the fleet owns: its messages must be stored there.
+    let fleet = &core.shared.fleet;
+    if fleet.is_shared() {
+        let foreign = match p.target {
+            Target::Device(d) => fleet.elsewhere(app_id, d),
+            Target::List(list) => list.iter().find_map(|d| fleet.elsewhere(app_id, d)),
+            Target::App => None,
+        };
+        if let Some(node) = foreign {
+            return reject(ErrorCode::REDIRECT, &node.app_addr);
+        }
+    }
     match admit(core, key, p.request_id) {
         Admit::Yes => {}
         Admit::Busy => return push_reply(core, key, kind, started_us, busy(p.request_id)),
         Admit::Duplicate => return reject(ErrorCode::UNEXPECTED_FRAME, DUPLICATE),
     }
-    let app = core.state.borrow().apps[key].app;
-    let app_id = &cfg.apps[app as usize].id;
     let n = core.shared.shards;
     let mut groups: Vec<(usize, Targets)> = match p.target {
         Target::Device(d) => vec![(shard_for(app_id, d, n), Targets::Devices(vec![d.to_string()]))],

@@ -358,7 +358,8 @@ pub fn run_with_clock(
             cfg.store_max_bytes, cfg.segment_bytes
         ));
     }
-    let shared = Arc::new(Shared::new(cfg, clock, n, shutdown));
+    let fleet = crate::dispatch::Fleet::new(&cfg.fleet, device_addr, app_addr, http_addr);
+    let shared = Arc::new(Shared::new(cfg, clock, n, shutdown, fleet));
     let (ready_tx, ready_rx) = mpsc::channel::<usize>();
     let mut handles = Vec::with_capacity(n);
     for boot in boots {
@@ -519,6 +520,9 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
 
     // HTTP first, so /healthz and /readyz answer while the store recovers.
     let http = boot.http_fd.map(|fd| accept_loop(Rc::clone(&core), fd, "http", crate::http::handle));
+    if http.is_some() {
+        probe_fleet(&core);
+    }
 
     // Recover the store partition on glommio's blocking thread (the executor keeps
     // serving HTTP meanwhile), then wait for every shard: none accepts a connection
@@ -598,6 +602,33 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
     }
     core.flush_store();
     tracing::info!(shard = id, "shard stopped");
+}
+
+/// Probes every other node of the fleet's `/readyz`, one task per node, for as long as
+/// the shard runs (shard 0, beside the HTTP port that answers dispatch).
+fn probe_fleet(core: &Rc<ShardCore>) {
+    let fleet = &core.shared.fleet;
+    let cfg = core.cfg().fleet.clone();
+    for (i, node) in fleet.nodes.iter().enumerate().filter(|&(i, _)| i != fleet.me) {
+        let (core, addr, name) = (Rc::clone(core), node.http_addr, node.name.clone());
+        let cfg = cfg.clone();
+        glommio::spawn_local(async move {
+            loop {
+                let ok = crate::dispatch::probe(addr, cfg.probe_timeout).await;
+                match core.health.borrow_mut().observe(i, ok) {
+                    Some(true) => {
+                        tracing::info!(node = %name, "fleet node is up: dispatch sends its devices to it again")
+                    }
+                    Some(false) => {
+                        tracing::warn!(node = %name, %addr, "fleet node is down: dispatch answers 503 for its devices")
+                    }
+                    None => {}
+                }
+                glommio::timer::sleep(cfg.probe_interval).await;
+            }
+        })
+        .detach();
+    }
 }
 
 #[cfg(test)]

@@ -358,13 +358,21 @@ fn finish_handshake(core: &Rc<ShardCore>, key: usize, res: i32) {
         }
         HelloState::Verified(hello, used) => (hello, used),
     };
+    let app_id = &core.cfg().apps[hello.app as usize].id;
+    if let Some(node) = core.shared.fleet.elsewhere(app_id, &hello.device) {
+        core.state.borrow_mut().stats.handshakes_redirected += 1;
+        let mut out = Vec::with_capacity(PREAMBLE_LEN + 8 + node.device_addr.len());
+        out.extend_from_slice(&server_preamble(Role::Device));
+        DeviceFrame::Bye(Bye { reason: ErrorCode::REDIRECT, redirect: &node.device_addr }).encode(&mut out);
+        glommio::spawn_local(async move { linger_close(&mut stream_of(p.fd), &out).await }).detach();
+        return;
+    }
     {
         let st = &mut *core.state.borrow_mut();
         st.stats.handshakes_ok += 1;
         st.handshake_lat.record(mono_us() - p.started_us);
     }
     let leftover = &p.buf[used..];
-    let app_id = &core.cfg().apps[hello.app as usize].id;
     let owner = shard_for(app_id, &hello.device, core.shared.shards);
     let Some(tx) = &core.requests[owner] else {
         return attach(core, p.fd, hello.app, &hello.device, (hello.last_acked, hello.cursor), leftover);

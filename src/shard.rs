@@ -52,10 +52,18 @@ pub struct Shared {
     /// The highest push counter in any shard's store partition (each adds its own
     /// before counting itself recovered): every shard's push ids start above it.
     pub push_floor: AtomicU64,
+    /// The fleet: which node each device belongs to, and their addresses.
+    pub fleet: crate::dispatch::Fleet,
 }
 
 impl Shared {
-    pub fn new(cfg: Config, clock: Arc<dyn Clock>, shards: usize, shutdown: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        cfg: Config,
+        clock: Arc<dyn Clock>,
+        shards: usize,
+        shutdown: Arc<AtomicBool>,
+        fleet: crate::dispatch::Fleet,
+    ) -> Self {
         let app_index = cfg.apps.iter().enumerate().map(|(i, a)| (a.id.clone(), i as u16)).collect();
         Shared {
             cfg,
@@ -66,6 +74,7 @@ impl Shared {
             ready: AtomicBool::new(false),
             recovered: AtomicUsize::new(0),
             push_floor: AtomicU64::new(0),
+            fleet,
         }
     }
 
@@ -179,6 +188,8 @@ pub struct ShardStats {
     pub device_accepted: u64,
     pub handshakes_ok: u64,
     pub handshakes_failed: u64,
+    /// Verified HELLOs of devices another node of the fleet owns, sent there.
+    pub handshakes_redirected: u64,
     pub handed_off: u64,
     /// Unicast and list pushes (or their shares) sent on to the shard that owns the
     /// devices: what a shard-aware app would have sent to that shard directly.
@@ -210,6 +221,7 @@ impl ShardStats {
             ("ringpush_device_connections_accepted_total", vec![], self.device_accepted),
             ("ringpush_handshakes_total", vec![("result", "ok")], self.handshakes_ok),
             ("ringpush_handshakes_total", vec![("result", "failed")], self.handshakes_failed),
+            ("ringpush_handshakes_total", vec![("result", "redirected")], self.handshakes_redirected),
             ("ringpush_handoffs_total", vec![], self.handed_off),
             ("ringpush_pushes_forwarded_total", vec![], self.pushes_forwarded),
             ("ringpush_sessions_closed_total", vec![], self.sessions_closed),
@@ -318,6 +330,8 @@ pub struct ShardCore {
     pub requests: Vec<Option<Rc<ConnectedSender<Request>>>>,
     pub replies: Vec<Option<Rc<ConnectedSender<Reply>>>>,
     pub draining: Cell<bool>,
+    /// The fleet's node health and dispatch counters (kept by shard 0, which serves HTTP).
+    pub health: RefCell<crate::dispatch::Health>,
 }
 
 impl ShardCore {
@@ -331,6 +345,7 @@ impl ShardCore {
         let cfg = &shared.cfg;
         let now = shared.clock.now_ms();
         let (_, topts) = shared.table_options();
+        let health = crate::dispatch::Health::new(shared.fleet.nodes.len(), &cfg.fleet);
         let state = ShardState {
             // Replaced by the recovered table before any connection is accepted.
             table: DeviceTable::new(shared.app_ids(), topts, now),
@@ -364,6 +379,7 @@ impl ShardCore {
             requests,
             replies,
             draining: Cell::new(false),
+            health: RefCell::new(health),
         }
     }
 

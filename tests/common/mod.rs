@@ -65,6 +65,11 @@ impl Server {
     /// Starts a server on `dir` (its config is written there, its data dir is
     /// `dir/data`), returning once the store recovery began.
     pub fn launch(dir: tempfile::TempDir, shards: usize, extra: &str) -> Starting {
+        Self::launch_on(dir, shards, extra, ["127.0.0.1:0"; 3])
+    }
+
+    /// [`Server::launch`] with the device, app and HTTP listen addresses given.
+    pub fn launch_on(dir: tempfile::TempDir, shards: usize, extra: &str, listen: [&str; 3]) -> Starting {
         let cfg = dir.path().join("ringpush.toml");
         std::fs::write(
             &cfg,
@@ -80,8 +85,8 @@ impl Server {
             .arg(&cfg)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
-            .args(["--device-listen", "127.0.0.1:0", "--app-listen", "127.0.0.1:0"])
-            .args(["--http-listen", "127.0.0.1:0"])
+            .args(["--device-listen", listen[0], "--app-listen", listen[1]])
+            .args(["--http-listen", listen[2]])
             .args(["--shards", &shards.to_string()])
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
