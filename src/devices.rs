@@ -681,6 +681,19 @@ impl DeviceTable {
         &self.devices[key]
     }
 
+    /// Devices with messages waiting whose (app id, device id) `keep` refuses, and
+    /// how many messages they have: in a fleet, the devices another node now owns.
+    pub fn waiting_elsewhere(&self, keep: impl Fn(&str, &str) -> bool) -> (usize, u64) {
+        let mut out = (0, 0);
+        for (_, d) in self.devices.iter().filter(|(_, d)| d.pending > 0) {
+            if !keep(&self.apps[d.app as usize], &d.id) {
+                out.0 += 1;
+                out.1 += d.pending as u64;
+            }
+        }
+        out
+    }
+
     pub fn find(&self, app: u16, id: &str) -> Option<usize> {
         self.index[app as usize].get(&self.devices, id)
     }

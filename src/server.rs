@@ -560,6 +560,20 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
         "store recovered in {:?}",
         started.elapsed()
     );
+    let fleet = &core.shared.fleet;
+    if fleet.is_shared() {
+        let (devices, messages) = table.waiting_elsewhere(|app, device| fleet.elsewhere(app, device).is_none());
+        if devices > 0 {
+            tracing::warn!(
+                shard = id,
+                devices,
+                messages,
+                "stored messages wait for devices that now belong to other nodes of the fleet \
+                 (the node list or a weight changed): they connect there and will not get them; \
+                 restore the previous [fleet] to deliver them"
+            );
+        }
+    }
     core.shared.push_floor.fetch_max(table.newest_push, std::sync::atomic::Ordering::Relaxed);
     core.state.borrow_mut().table = table;
     core.shared.recovered.fetch_add(1, std::sync::atomic::Ordering::AcqRel);

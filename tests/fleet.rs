@@ -214,3 +214,34 @@ fn a_box_listening_on_every_address_answers_the_address_it_was_asked_on() {
     assert_eq!(body["app_addr"], format!("127.0.0.1:{}", srv.app.port()));
     assert!(srv.stop(Duration::from_secs(10)).success());
 }
+
+#[test]
+fn a_box_that_joins_a_fleet_warns_about_messages_stored_for_devices_now_elsewhere() {
+    let nodes = nodes();
+    // Alone, the box takes messages for a device that the fleet will give to b.
+    let (dev_a, dev_b) = (device_on(0, 0), device_on(1, 0));
+    let l = nodes[0].listen();
+    let alone = Server::launch_on(tempfile::tempdir().unwrap(), 1, "", [&l[0], &l[1], &l[2]]).ready();
+    run(|| async {
+        let mut app = alone.app().await;
+        for (dev, n) in [(&dev_b, 3), (&dev_a, 1)] {
+            for i in 0..n {
+                let out = app.push(PushTarget::Device(dev), 0, format!("m{i}").as_bytes()).await.unwrap();
+                assert!(matches!(out, PushOutcome::Accepted(_)), "{out:?}");
+            }
+        }
+    });
+    let dir = alone.stop_keep(Duration::from_secs(10));
+    // Restarted as node a of a two-node fleet: it says what it holds for b's device.
+    let a = start(0, &nodes, dir);
+    let log = a.log();
+    let line =
+        log.lines().find(|l| l.contains("now belong to other nodes")).unwrap_or_else(|| panic!("no warning in\n{log}"));
+    assert!(line.contains("devices=1") && line.contains("messages=3"), "{line}");
+    // Its own device still gets its message.
+    run(|| async {
+        let mut dev = a.device(&dev_a).await;
+        assert_eq!(message(&mut dev).await.payload, b"m0");
+    });
+    assert!(a.stop(Duration::from_secs(10)).success());
+}
