@@ -32,11 +32,12 @@ fn ring(c: &mut Criterion) {
             b.iter(|| ids.iter().map(|d| ring.node_for("demo", d)).sum::<usize>())
         });
     }
-    g.finish();
+    // Building the ring (once at start): throughput in virtual points.
     let names: Vec<String> = (0..100).map(|i| format!("push-{i:03}")).collect();
-    c.bench_function("node_ring/build_100_nodes", |b| {
-        b.iter(|| Ring::new(black_box(&names).iter().map(|n| (n.as_str(), 100))).points())
-    });
+    let build = || Ring::new(black_box(&names).iter().map(|n| (n.as_str(), 100)));
+    g.throughput(Throughput::Elements(build().points() as u64));
+    g.bench_function("build_100_nodes", |b| b.iter(|| build().points()));
+    g.finish();
 }
 
 fn wheel(c: &mut Criterion) {
