@@ -285,11 +285,18 @@ async fn device(a: DeviceArgs) -> Result<(), String> {
     let mut acker = Acker::new(AckPolicy { every: 1, delay: Duration::ZERO }, 0, 0);
     let mut received = 0u64;
     let mut backoff = Duration::from_millis(100);
+    // Where to connect: `--server`, until a node of a fleet sends the device to its own.
+    let mut server = a.server.clone();
+    let mut redirects = 0;
     loop {
-        let connecting =
-            DeviceClient::connect_resume(a.server.as_str(), &a.app, &a.device, token, acker.seq, acker.bseq);
+        let connecting = DeviceClient::connect_resume(server.as_str(), &a.app, &a.device, token, acker.seq, acker.bseq);
         let mut dev = match connecting.await {
             Ok(d) => d,
+            Err(ClientError::Server { code: ErrorCode::REDIRECT, message }) if redirects < 3 => {
+                eprintln!("ringpush: {server} says the device belongs to the node at {message}; connecting there");
+                (server, redirects) = (message, redirects + 1);
+                continue;
+            }
             Err(ClientError::Server { code, message }) => return Err(format!("server refused: {code}: {message}")),
             Err(e) => {
                 eprintln!("ringpush: connect failed ({e}); retrying in {backoff:?}");
@@ -298,7 +305,7 @@ async fn device(a: DeviceArgs) -> Result<(), String> {
                 continue;
             }
         };
-        backoff = Duration::from_millis(100);
+        (backoff, redirects) = (Duration::from_millis(100), 0);
         acker.resume(&dev.welcome);
         let heartbeat = Duration::from_millis(dev.welcome.heartbeat_ms as u64);
         loop {
@@ -346,6 +353,9 @@ async fn device(a: DeviceArgs) -> Result<(), String> {
                 DeviceEvent::Pong(_) => {}
                 DeviceEvent::Bye(reason, redirect) => {
                     eprintln!("ringpush: server said BYE ({reason}) {redirect}");
+                    if reason == ErrorCode::REDIRECT && !redirect.is_empty() {
+                        server = redirect;
+                    }
                     break;
                 }
             }

@@ -581,22 +581,18 @@ mod tests {
             Answer::Node { node: 0 },
             "self is judged by its own readiness"
         );
-        assert!(matches!(
-            ask(&mut h, "app=demo".into(), true),
-            Answer::Refused { status: 400, error: "bad_request", .. }
-        ));
-        assert!(matches!(
-            ask(&mut h, "app=news&device=x".into(), true),
-            Answer::Refused { status: 404, error: "unknown_app", .. }
-        ));
-        assert!(matches!(
-            ask(&mut h, "app=demo&device=".into(), true),
-            Answer::Refused { status: 400, error: "bad_id", .. }
-        ));
-        assert!(matches!(
-            ask(&mut h, "app=demo&device=x&failed=zz".into(), true),
-            Answer::Refused { status: 400, error: "unknown_node", .. }
-        ));
+        let refusals = [
+            ("app=demo", 400, "bad_request"),
+            ("app=news&device=x", 404, "unknown_app"),
+            ("app=demo&device=", 400, "bad_id"),
+            ("app=demo&device=x&failed=zz", 400, "unknown_node"),
+        ];
+        for (query, status, error) in refusals {
+            match ask(&mut h, query.into(), true) {
+                Answer::Refused { status: s, error: e, .. } => assert_eq!((s, e), (status, error), "{query}"),
+                other => panic!("{query}: expected a refusal, got {other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -606,6 +602,30 @@ mod tests {
         assert!(!probe_ok(b"HTTP/1.1 503 Service Unavailable\r\n\r\nshutting down\n"));
         assert!(!probe_ok(b""));
         assert!(!probe_ok(b"garbage\r\n"));
+    }
+
+    #[test]
+    fn a_probe_fails_within_its_timeout_on_a_node_that_never_answers_and_passes_a_ready_one() {
+        use std::io::{Read, Write};
+        // Accepted by the kernel (backlog), never read: the probe must give up on its own.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ready = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (silent_addr, ready_addr) = (silent.local_addr().unwrap(), ready.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = ready.accept().unwrap();
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf).unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nready\n").unwrap();
+        });
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound).make().unwrap().run(async move {
+            let started = std::time::Instant::now();
+            assert!(!probe(silent_addr, Duration::from_millis(200)).await);
+            let took = started.elapsed();
+            assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(3), "gave up after {took:?}");
+            assert!(probe(ready_addr, Duration::from_secs(5)).await);
+        });
+        server.join().unwrap();
+        drop(silent);
     }
 
     #[test]

@@ -156,8 +156,31 @@ fn dispatch_devices_and_pushes_go_to_the_devices_node_and_a_node_that_is_down_ge
         assert_eq!(message(&mut on_b).await.payload, b"via the cli");
     });
 
+    // `ringpush device` given the wrong node follows the redirect and gets its message.
+    let dev_b3 = device_on(1, 2);
+    assert!(cli(&["--device", &dev_b3, "waiting at b"]).status.success());
+    let mut device = std::process::Command::new(env!("CARGO_BIN_EXE_ringpush"))
+        .args(["device", "--server", &a.device.to_string(), "--app", APP, "--secret", SECRET])
+        .args(["--device", &dev_b3, "--count", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ringpush device");
+    let started = Instant::now();
+    while device.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(10) {
+            device.kill().unwrap();
+            panic!("ringpush device did not get its message within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = device.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "waiting at b\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&nodes[1].addr(7000)));
+
     let (_, metrics) = http_get(a.http, "/metrics");
-    assert!(metrics.contains("ringpush_handshakes_total{shard=\"0\",result=\"redirected\"} 1"), "{metrics}");
+    assert!(metrics.contains("ringpush_handshakes_total{shard=\"0\",result=\"redirected\"} 2"), "{metrics}");
     assert!(metrics.contains("ringpush_fleet_node_up{node=\"b\"} 1"), "{metrics}");
 
     // b goes away: a stops sending b's devices there, and says when to ask again.
