@@ -312,6 +312,14 @@ impl Receipts {
     }
 }
 
+/// A stored message on its way to another node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    pub seq: u64,
+    pub expiry_ms: u64,
+    pub payload: Vec<u8>,
+}
+
 /// Running totals the shard reports.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TableStats {
@@ -327,6 +335,8 @@ pub struct TableStats {
     pub loads: u64,
     pub forgotten: u64,
     pub compacted_records: u64,
+    /// Messages taken by the device's node in the fleet and released here.
+    pub handed_over: u64,
 }
 
 impl TableStats {
@@ -341,6 +351,7 @@ impl TableStats {
             (m, vec![("event", "expired")], self.expired),
             (m, vec![("event", "rejected_queue_full")], self.rejected_full),
             (m, vec![("event", "broadcast_stored")], self.broadcasts),
+            (m, vec![("event", "handed_over")], self.handed_over),
             ("ringpush_store_errors_total", vec![], self.store_errors),
             ("ringpush_cache_evictions_total", vec![], self.evictions),
             ("ringpush_cache_loads_total", vec![], self.loads),
@@ -681,17 +692,57 @@ impl DeviceTable {
         &self.devices[key]
     }
 
-    /// Devices with messages waiting whose (app id, device id) `keep` refuses, and
-    /// how many messages they have: in a fleet, the devices another node now owns.
-    pub fn waiting_elsewhere(&self, keep: impl Fn(&str, &str) -> bool) -> (usize, u64) {
-        let mut out = (0, 0);
-        for (_, d) in self.devices.iter().filter(|(_, d)| d.pending > 0) {
-            if !keep(&self.apps[d.app as usize], &d.id) {
-                out.0 += 1;
-                out.1 += d.pending as u64;
+    /// Devices with messages waiting whose (app id, device id) `keep` refuses: in a
+    /// fleet, the devices another node now owns. Their slab keys.
+    pub fn waiting_elsewhere(&self, keep: impl Fn(&str, &str) -> bool) -> Vec<usize> {
+        let foreign = |d: &Device| d.pending > 0 && !keep(&self.apps[d.app as usize], &d.id);
+        self.devices.iter().filter(|(_, d)| foreign(d)).map(|(k, _)| k).collect()
+    }
+
+    /// The app id of an app index.
+    pub fn app_id(&self, app: u16) -> &str {
+        &self.apps[app as usize]
+    }
+
+    /// Up to `max` of the device's live, unexpired unicast messages, oldest first, with
+    /// their payloads copied: what handing them to another node needs. Reads a cold
+    /// queue back from the store.
+    pub fn pending_messages(&mut self, key: usize, now_ms: u64, max: usize) -> Vec<Outgoing> {
+        self.load(key, now_ms);
+        let d = &self.devices[key];
+        let live = d.queue.iter().filter(|m| !m.dead && m.expiry_ms > now_ms);
+        live.take(max)
+            .filter_map(|m| match self.store.get(m.loc) {
+                Some(Record::Message(r)) => {
+                    Some(Outgoing { seq: m.seq, expiry_ms: m.expiry_ms, payload: r.payload.to_vec() })
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The device's node took its messages up to `seq`: they are released here, and
+    /// the registry record says so, as for an ack.
+    pub fn handed_over(&mut self, key: usize, seq: u64, now_ms: u64, now_us: u64) {
+        // The queue may have gone cold while the pushes were in flight.
+        self.load(key, now_ms);
+        // What expired unsent was not handed over: it counts as expired.
+        let DeviceTable { devices, receipts, stats, queued, .. } = self;
+        let d = &mut devices[key];
+        let upto = d.queue.partition_point(|m| m.seq <= seq);
+        for i in 0..upto {
+            let m = d.queue[i];
+            if !m.dead && m.expiry_ms <= now_ms {
+                d.queue[i].dead = true;
+                d.forget(&m);
+                count_expired(receipts, stats, queued, m.receipt);
             }
         }
-        out
+        let acked = self.devices[key].acked;
+        self.ack_upto(key, seq, now_us, true);
+        if self.devices[key].acked != acked {
+            self.persist(key);
+        }
     }
 
     pub fn find(&self, app: u16, id: &str) -> Option<usize> {
@@ -983,7 +1034,7 @@ impl DeviceTable {
         let replaced = d.session.replace(session as u32).map(|k| k as usize);
         d.last_seen_ms = now_ms;
         let upto = last_acked.min(d.next_seq - 1);
-        self.ack_upto(key, upto, now_us);
+        self.ack_upto(key, upto, now_us, false);
         self.bcast_ack(key, cursor.min(head), now_us);
         let d = &mut self.devices[key];
         d.sent_upto = d.acked;
@@ -1146,7 +1197,7 @@ impl DeviceTable {
         let d = &self.devices[key];
         let (upto, bupto) = (seq.min(d.sent_upto), bseq.min(d.bsent));
         let (acked, cursor) = (d.acked, d.cursor);
-        self.ack_upto(key, upto, now_us);
+        self.ack_upto(key, upto, now_us, false);
         self.bcast_ack(key, bupto, now_us);
         let d = &self.devices[key];
         if d.acked != acked || d.cursor != cursor {
@@ -1154,7 +1205,10 @@ impl DeviceTable {
         }
     }
 
-    fn ack_upto(&mut self, key: usize, upto: u64, now_us: u64) {
+    /// Releases the device's messages up to `upto`: acked by the device, or, when
+    /// `handed`, taken by its node in the fleet (its receipt here stops counting them
+    /// as stored without counting them delivered).
+    fn ack_upto(&mut self, key: usize, upto: u64, now_us: u64, handed: bool) {
         let d = &mut self.devices[key];
         while d.queue.front().is_some_and(|m| m.seq <= upto) {
             let m = d.queue.pop_front().expect("front exists");
@@ -1167,10 +1221,14 @@ impl DeviceTable {
             d.pending -= 1;
             d.queued_bytes -= m.len as u64;
             self.queued -= 1;
-            self.stats.acked += 1;
-            self.ack_lat.record(now_us.saturating_sub(m.enqueued_us));
+            if handed {
+                self.stats.handed_over += 1;
+            } else {
+                self.stats.acked += 1;
+                self.ack_lat.record(now_us.saturating_sub(m.enqueued_us));
+            }
             self.receipts.update(m.receipt, |c| {
-                c.delivered += 1;
+                c.delivered += u64::from(!handed);
                 c.stored = c.stored.saturating_sub(1);
             });
         }
@@ -1684,6 +1742,38 @@ mod tests {
         assert_eq!(t.device(a.device).acked(), 5);
         assert_eq!(t.device(a.device).pending(), 0);
         assert_eq!(t.receipt(100).unwrap(), Counts { targeted: 1, delivered: 1, stored: 0, expired: 0 });
+    }
+
+    #[test]
+    fn messages_handed_to_another_node_leave_the_queue_and_stay_gone_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open(dir.path());
+        for (i, expiry) in [(1, NOW + 10_000), (2, NOW + 1), (3, NOW + 10_000), (4, NOW + 10_000)] {
+            push(&mut t, "far", i, expiry, &format!("m{i}")).unwrap();
+        }
+        push(&mut t, "near", 9, NOW + 10_000, "mine").unwrap();
+        let keep = |_: &str, d: &str| d != "far";
+        let far = t.waiting_elsewhere(keep);
+        assert_eq!(far.len(), 1);
+        let key = far[0];
+        let out = t.pending_messages(key, NOW + 5, 2);
+        let got: Vec<(u64, &[u8])> = out.iter().map(|m| (m.seq, m.payload.as_slice())).collect();
+        assert_eq!(got, [(1, &b"m1"[..]), (3, &b"m3"[..])], "oldest first, the expired one skipped, at most 2");
+        assert_eq!(out[0].expiry_ms, NOW + 10_000);
+        t.handed_over(key, 3, NOW + 5, 0);
+        assert_eq!(t.device(key).pending(), 1, "m4 is still here");
+        assert_eq!(t.receipt(1).unwrap(), Counts { targeted: 1, delivered: 0, stored: 0, expired: 0 });
+        assert_eq!((t.stats.handed_over, t.stats.expired), (2, 1), "m1 and m3 moved, m2 expired");
+        assert_eq!(t.receipt(2).unwrap(), Counts { targeted: 1, delivered: 0, stored: 0, expired: 1 });
+        drop(t);
+        let mut t = open_with(dir.path(), 0, u64::MAX, NOW + 5);
+        let key = t.waiting_elsewhere(keep)[0];
+        assert!(!t.device(key).is_hot(), "a cache of 0 starts every queue cold");
+        let out = t.pending_messages(key, NOW + 5, 10);
+        assert_eq!(out.iter().map(|m| m.seq).collect::<Vec<_>>(), [4], "only m4 is left after a restart");
+        t.handed_over(key, 4, NOW + 5, 0);
+        assert!(t.waiting_elsewhere(keep).is_empty());
+        assert_eq!(t.queued(), 1, "the near device keeps its message");
     }
 
     #[test]

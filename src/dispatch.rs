@@ -345,6 +345,92 @@ pub async fn probe(addr: SocketAddr, limit: Duration) -> bool {
     glommio::timer::timeout(limit, attempt).await.unwrap_or(false)
 }
 
+/// Looks for stored messages of devices another node owns, and hands them over, every
+/// `5 × probe_interval` until the shard stops (each shard, for its own partition).
+pub async fn hand_over(core: std::rc::Rc<crate::shard::ShardCore>) {
+    let every = core.cfg().fleet.probe_interval * 5;
+    while !core.draining.get() && !core.shutdown_requested() {
+        hand_over_round(&core).await;
+        glommio::timer::sleep(every).await;
+    }
+}
+
+/// How long one connect or push of a hand-over may take.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(5);
+
+/// `f`'s result within [`HAND_OVER_WAIT`], its error or the timeout as text.
+async fn within<T, E: std::fmt::Display>(f: impl std::future::Future<Output = Result<T, E>>) -> Result<T, String> {
+    glommio::timer::timeout(HAND_OVER_WAIT, async { Ok(f.await.map_err(|e| e.to_string())) })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()))
+}
+
+/// One hand-over round: each device's messages go, oldest first, to its node as pushes
+/// of its app, and are released here as that node accepts them. A node that cannot be
+/// reached, or refuses, keeps them here for the next round. Returns how many moved.
+pub async fn hand_over_round(core: &crate::shard::ShardCore) -> u64 {
+    use crate::client::{AppClient, PushOutcome, PushTarget};
+    let fleet = &core.shared.fleet;
+    let keys = core.state.borrow().table.waiting_elsewhere(|a, d| fleet.elsewhere(a, d).is_none());
+    // (node, app) → devices, so each group shares one connection.
+    let mut groups: std::collections::BTreeMap<(usize, u16), Vec<(usize, String)>> = Default::default();
+    for key in keys {
+        let st = core.state.borrow();
+        let d = st.table.device(key);
+        let node = fleet.node_for(st.table.app_id(d.app), &d.id);
+        groups.entry((node, d.app)).or_default().push((key, d.id.to_string()));
+    }
+    let mut moved = 0;
+    for ((node, app), devices) in groups {
+        let (addr, app_id) = (fleet.nodes[node].app_addr.as_str(), core.cfg().apps[app as usize].id.as_str());
+        let secret = core.shared.secret(app);
+        let mut client = match within(AppClient::connect(addr, app_id, secret)).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(shard = core.id, node = %fleet.nodes[node].name, "cannot hand stored messages over yet: {e}");
+                continue;
+            }
+        };
+        'devices: for (key, id) in devices {
+            loop {
+                let now_ms = core.now_ms();
+                let batch = {
+                    let table = &mut core.state.borrow_mut().table;
+                    if table.find(app, &id) != Some(key) {
+                        continue 'devices; // forgotten meanwhile
+                    }
+                    table.pending_messages(key, now_ms, 256)
+                };
+                let Some(want) = batch.last().map(|m| m.seq) else { continue 'devices };
+                let mut last = None;
+                for m in &batch {
+                    let ttl = (m.expiry_ms.saturating_sub(now_ms).div_ceil(1000)).clamp(1, u32::MAX as u64) as u32;
+                    match within(client.push(PushTarget::Device(&id), ttl, &m.payload)).await {
+                        Ok(PushOutcome::Accepted(_)) => last = Some(m.seq),
+                        other => {
+                            tracing::warn!(shard = core.id, node = %fleet.nodes[node].name, device = %id, "hand-over stopped: {other:?}");
+                            break;
+                        }
+                    }
+                }
+                if let Some(seq) = last {
+                    let table = &mut core.state.borrow_mut().table;
+                    let before = table.stats.handed_over;
+                    table.handed_over(key, seq, core.now_ms(), crate::clock::mono_us());
+                    moved += table.stats.handed_over - before;
+                }
+                if last != Some(want) {
+                    break 'devices; // the node refused or went away: next round
+                }
+            }
+        }
+    }
+    if moved > 0 {
+        tracing::info!(shard = core.id, messages = moved, "handed stored messages over to their devices' nodes");
+    }
+    moved
+}
+
 /// The fleet's lines for `/metrics`.
 pub fn prometheus(fleet: &Fleet, health: &Health, self_up: bool) -> String {
     use std::fmt::Write;

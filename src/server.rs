@@ -562,15 +562,15 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
     );
     let fleet = &core.shared.fleet;
     if fleet.is_shared() {
-        let (devices, messages) = table.waiting_elsewhere(|app, device| fleet.elsewhere(app, device).is_none());
-        if devices > 0 {
+        let foreign = table.waiting_elsewhere(|app, device| fleet.elsewhere(app, device).is_none());
+        if !foreign.is_empty() {
+            let messages: usize = foreign.iter().map(|&k| table.device(k).pending()).sum();
             tracing::warn!(
                 shard = id,
-                devices,
+                devices = foreign.len(),
                 messages,
                 "stored messages wait for devices that now belong to other nodes of the fleet \
-                 (the node list or a weight changed): they connect there and will not get them; \
-                 restore the previous [fleet] to deliver them"
+                 (the node list or a weight changed): handing them over to those nodes"
             );
         }
     }
@@ -582,6 +582,9 @@ async fn shard_main(boot: ShardBoot, shared: Arc<Shared>, ready: mpsc::Sender<us
     }
     core.count_push_ids_above(core.shared.push_floor.load(std::sync::atomic::Ordering::Relaxed));
     glommio::spawn_local(Rc::clone(&core).flusher()).detach();
+    if core.shared.fleet.is_shared() {
+        glommio::spawn_local(crate::dispatch::hand_over(Rc::clone(&core))).detach();
+    }
     glommio::spawn_local(crate::session::drive(Rc::clone(&core))).detach();
 
     // Devices are accepted through the device ring (multishot accept).

@@ -239,7 +239,7 @@ fn a_box_listening_on_every_address_answers_the_address_it_was_asked_on() {
 }
 
 #[test]
-fn a_box_that_joins_a_fleet_warns_about_messages_stored_for_devices_now_elsewhere() {
+fn a_box_that_joins_a_fleet_hands_messages_stored_for_devices_now_elsewhere_to_their_node() {
     let nodes = nodes();
     // Alone, the box takes messages for a device that the fleet will give to b.
     let (dev_a, dev_b) = (device_on(0, 0), device_on(1, 0));
@@ -249,22 +249,51 @@ fn a_box_that_joins_a_fleet_warns_about_messages_stored_for_devices_now_elsewher
         let mut app = alone.app().await;
         for (dev, n) in [(&dev_b, 3), (&dev_a, 1)] {
             for i in 0..n {
-                let out = app.push(PushTarget::Device(dev), 0, format!("m{i}").as_bytes()).await.unwrap();
+                let out = app.push(PushTarget::Device(dev), 3600, format!("m{i}").as_bytes()).await.unwrap();
                 assert!(matches!(out, PushOutcome::Accepted(_)), "{out:?}");
             }
         }
     });
     let dir = alone.stop_keep(Duration::from_secs(10));
-    // Restarted as node a of a two-node fleet: it says what it holds for b's device.
+    // Restarted as node a of a two-node fleet, while b is not up yet: it says what it
+    // holds for b's device, and keeps it.
     let a = start(0, &nodes, dir);
     let log = a.log();
     let line =
         log.lines().find(|l| l.contains("now belong to other nodes")).unwrap_or_else(|| panic!("no warning in\n{log}"));
     assert!(line.contains("devices=1") && line.contains("messages=3"), "{line}");
-    // Its own device still gets its message.
+    assert_eq!(metric_sum(a.http, "ringpush_queued_messages{"), 4.0);
+    // b comes up: a hands the three messages over, in order, and releases them.
+    let b = start(1, &nodes, tempfile::tempdir().unwrap());
+    let started = Instant::now();
+    while metric_sum(a.http, "ringpush_messages_total{shard=\"0\",event=\"handed_over\"}") < 3.0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "not handed over within 10 s:\n{}", a.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(metric_sum(a.http, "ringpush_queued_messages{"), 1.0, "a keeps only its own device's message");
     run(|| async {
+        let mut dev = b.device(&dev_b).await;
+        for want in ["m0", "m1", "m2"] {
+            let m = message(&mut dev).await;
+            assert_eq!(m.payload, want.as_bytes());
+            assert!(m.expiry_ms > ringpush::client::unix_ms() + 3_000_000, "the TTL travels with the message");
+        }
+        quiet(&mut dev, Duration::from_millis(200)).await;
+        // Its own device still gets its message at a.
         let mut dev = a.device(&dev_a).await;
-        assert_eq!(message(&mut dev).await.payload, b"m0");
+        let m = message(&mut dev).await;
+        assert_eq!(m.payload, b"m0");
+        dev.ack(m.seq).await.unwrap();
     });
+    let started = Instant::now();
+    while metric_sum(a.http, "ringpush_queued_messages{") > 0.0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "the ack never landed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Nothing is left to hand over after a restart of a: no second warning.
+    let a = start(0, &nodes, a.stop_keep(Duration::from_secs(10)));
+    assert_eq!(a.log().matches("now belong to other nodes").count(), 1, "{}", a.log());
+    assert_eq!(metric_sum(a.http, "ringpush_queued_messages{"), 0.0);
     assert!(a.stop(Duration::from_secs(10)).success());
+    assert!(b.stop(Duration::from_secs(10)).success());
 }
