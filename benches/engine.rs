@@ -60,7 +60,7 @@ fn wheel(c: &mut Criterion) {
 
 fn table(c: &mut Criterion) {
     let limits = QueueLimits { window: 64, max_msgs: 4096, max_bytes: 1 << 24 };
-    let opts = TableOptions { limits, receipts: 65_536, cache_msgs: usize::MAX, latencies: true };
+    let opts = TableOptions { limits, receipts: 65_536, cache_msgs: usize::MAX, latencies: true, clock_seqs: false };
     let dir = tempfile::tempdir().expect("temp dir");
     let sopts = StoreOptions { segment_bytes: 64 << 20, max_bytes: u64::MAX };
     let mut t = DeviceTable::open(dir.path(), sopts, vec!["a".into()], opts, 0).expect("store opens");

@@ -47,7 +47,7 @@ fn recovery(c: &mut Criterion) {
     const N: u64 = 100_000;
     let dir = tempfile::tempdir().expect("temp dir");
     let limits = QueueLimits { window: 64, max_msgs: u32::MAX, max_bytes: u64::MAX };
-    let opts = TableOptions { limits, receipts: 16, cache_msgs: usize::MAX, latencies: false };
+    let opts = TableOptions { limits, receipts: 16, cache_msgs: usize::MAX, latencies: false, clock_seqs: false };
     let now = 1_000_000;
     {
         let mut t = DeviceTable::open(dir.path(), sopts(), vec!["demo".into()], opts, now).expect("open");

@@ -179,6 +179,16 @@ pub struct TableOptions {
     pub cache_msgs: usize,
     /// Record latency histograms.
     pub latencies: bool,
+    /// Number a new device's messages from the clock (`unix ms << 20`) instead of 1:
+    /// in a fleet, where a device moves between nodes, so the seqs one node gives come
+    /// after the ones another gave it before (see `docs/architecture.md`, Fleet).
+    pub clock_seqs: bool,
+}
+
+/// The first seq of a device registered at `now_ms` under clock numbering: above every
+/// seq a node registering it earlier could have given (up to 2^20 per ms since).
+pub fn clock_seq(now_ms: u64) -> u64 {
+    (now_ms << 20).max(1)
 }
 
 /// What attaching a session found.
@@ -412,6 +422,8 @@ pub struct DeviceTable {
     /// Scratch for encoding record heads.
     head: Vec<u8>,
     cache_msgs: usize,
+    /// New devices are numbered from the clock ([`TableOptions::clock_seqs`]).
+    clock_seqs: bool,
     /// References held by hot queues.
     hot_msgs: usize,
     lru_head: u32,
@@ -460,6 +472,7 @@ impl DeviceTable {
             store: Store::closed(),
             head: Vec::with_capacity(256),
             cache_msgs: opts.cache_msgs,
+            clock_seqs: opts.clock_seqs,
             hot_msgs: 0,
             lru_head: NIL,
             lru_tail: NIL,
@@ -818,6 +831,11 @@ impl DeviceTable {
         d.cursor = log.next_bseq - 1;
         d.bsent = d.cursor;
         d.last_seen_ms = now_ms;
+        if self.clock_seqs {
+            d.next_seq = clock_seq(now_ms);
+            (d.acked, d.floor, d.sent_upto, d.max_sent) =
+                (d.next_seq - 1, d.next_seq - 1, d.next_seq - 1, d.next_seq - 1);
+        }
         if persist {
             self.persist(k);
         }
@@ -1023,17 +1041,27 @@ impl DeviceTable {
         self.load(key, now_ms);
         let head = self.logs[app as usize].next_bseq - 1;
         let d = &mut self.devices[key];
-        if d.pending == 0 && d.queue.is_empty() && d.next_seq <= last_acked {
+        let foreign_numbering = d.next_seq <= last_acked;
+        if d.pending == 0 && d.queue.is_empty() && foreign_numbering {
             d.next_seq = last_acked + 1;
             d.acked = last_acked;
             d.floor = last_acked;
+        } else if foreign_numbering {
+            // The device has processed seqs this box never gave: its numbering came from
+            // elsewhere (another node of the fleet, or this box before it forgot the
+            // device), and what waits here was never seen by it. Acking it by that
+            // number would lose it; it is numbered after what the device has instead.
+            self.renumber_after(key, last_acked);
         }
+        let d = &mut self.devices[key];
         if !known && cursor > d.cursor {
             d.cursor = cursor;
         }
         let replaced = d.session.replace(session as u32).map(|k| k as usize);
         d.last_seen_ms = now_ms;
-        let upto = last_acked.min(d.next_seq - 1);
+        // Never past what this box numbered (a device cannot have seen more), nor by a
+        // foreign number that could not be renumbered after (store full).
+        let upto = if d.next_seq <= last_acked { d.acked } else { last_acked.min(d.next_seq - 1) };
         self.ack_upto(key, upto, now_us, false);
         self.bcast_ack(key, cursor.min(head), now_us);
         let d = &mut self.devices[key];
@@ -1566,6 +1594,31 @@ impl DeviceTable {
         true
     }
 
+    /// Gives a hot device's queued messages the seqs after `base`, in order, and
+    /// rewrites them so that their records carry the new seqs. If the store has no room
+    /// for that, the old numbering stays (and the device will take the messages for
+    /// ones it has seen).
+    fn renumber_after(&mut self, k: usize, base: u64) {
+        // (On failure `next_seq` stays at or below `base`, which `attach` reads as such.)
+        let d = &mut self.devices[k];
+        let before: Vec<u64> = d.queue.iter().map(|m| m.seq).collect();
+        for (m, seq) in d.queue.iter_mut().zip(base + 1..) {
+            m.seq = seq;
+        }
+        if self.rewrite_chain(k) == 0 && self.devices[k].pending > 0 {
+            let d = &mut self.devices[k];
+            for (m, &seq) in d.queue.iter_mut().zip(&before) {
+                m.seq = seq;
+            }
+            tracing::error!(device = %d.id, "no room in the store to renumber its messages after the seqs it has seen");
+            return;
+        }
+        let d = &mut self.devices[k];
+        let last = d.queue.back().map_or(base, |m| m.seq);
+        d.next_seq = last + 1;
+        (d.acked, d.floor, d.sent_upto, d.max_sent) = (base, base, base, base);
+    }
+
     /// Rewrites a hot device's live messages as a fresh chain at the head of the log,
     /// releasing the old records (dead entries are dropped). Returns records written.
     fn rewrite_chain(&mut self, k: usize) -> usize {
@@ -1677,7 +1730,7 @@ mod tests {
 
     fn opts(cache_msgs: usize) -> TableOptions {
         let limits = QueueLimits { window: 3, max_msgs: 5, max_bytes: 1000 };
-        TableOptions { limits, receipts: 100, cache_msgs, latencies: true }
+        TableOptions { limits, receipts: 100, cache_msgs, latencies: true, clock_seqs: false }
     }
 
     fn open_with(dir: &Path, cache_msgs: usize, max_bytes: u64, now: u64) -> DeviceTable {
@@ -1774,6 +1827,53 @@ mod tests {
         t.handed_over(key, 4, NOW + 5, 0);
         assert!(t.waiting_elsewhere(keep).is_empty());
         assert_eq!(t.queued(), 1, "the near device keeps its message");
+    }
+
+    #[test]
+    fn messages_waiting_for_a_device_numbered_elsewhere_are_numbered_after_what_it_has_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = open(dir.path());
+        // Stored before the device ever came here (handed over from another node, or
+        // pushed after this box forgot the device): seqs 1..3 of this box.
+        for i in 1..=3 {
+            push(&mut t, "moved", i, NOW + 10_000, &format!("m{i}")).unwrap();
+        }
+        // The device processed seq 57 of another numbering: acking 1..3 by it would lose them.
+        let a = attach(&mut t, "moved", 57, 1);
+        assert_eq!((a.acked, a.pending), (57, 3));
+        assert_eq!(
+            fill_at(&mut t, a.device, NOW),
+            [(false, 58, "m1".into()), (false, 59, "m2".into()), (false, 60, "m3".into())]
+        );
+        t.on_ack(a.device, 59, 0, 0);
+        t.detach(a.device, 1, NOW);
+        drop(t);
+        // The new numbering is what the store holds: a restart keeps it.
+        let mut t = open(dir.path());
+        let b = attach(&mut t, "moved", 59, 2);
+        assert_eq!((b.acked, b.pending), (59, 1));
+        assert_eq!(fill_at(&mut t, b.device, NOW), [(false, 60, "m3".into())]);
+        assert_eq!(t.enqueue(b.device, 9, NOW + 10_000, b"m4", 0), Ok(Some(2)));
+        assert_eq!(fill_at(&mut t, b.device, NOW), [(false, 61, "m4".into())], "new messages follow");
+    }
+
+    #[test]
+    fn a_fleet_node_numbers_new_devices_from_the_clock_above_what_another_node_gave() {
+        let dir = tempfile::tempdir().unwrap();
+        let sopts = StoreOptions { segment_bytes: SEG, max_bytes: u64::MAX };
+        let topts = TableOptions { clock_seqs: true, ..opts(usize::MAX) };
+        let mut t = DeviceTable::open(dir.path(), sopts, vec!["a".into()], topts, NOW).unwrap();
+        push(&mut t, "moved", 1, NOW + 10_000, "m1").unwrap();
+        push(&mut t, "moved", 2, NOW + 10_000, "m2").unwrap();
+        // The device processed seq 5 at a node that numbered from 1 (or from an earlier clock).
+        let a = attach(&mut t, "moved", 5, 1);
+        let first = clock_seq(NOW);
+        assert_eq!((a.pending, a.acked), (2, first - 1));
+        assert_eq!(fill_at(&mut t, a.device, NOW), [(false, first, "m1".into()), (false, first + 1, "m2".into())]);
+        // A device that first connects numbers from the clock as well.
+        let b = attach(&mut t, "fresh", 0, 2);
+        assert_eq!(t.enqueue(b.device, 3, NOW + 10_000, b"x", 0), Ok(Some(2)));
+        assert_eq!(fill_at(&mut t, b.device, NOW)[0].1, first);
     }
 
     #[test]

@@ -104,7 +104,13 @@ impl Shared {
             max_bytes: cfg.max_queued_bytes_per_device,
         };
         let cache_msgs = (cfg.cache_bytes / n / std::mem::size_of::<crate::devices::QueuedMsg>() as u64) as usize;
-        let topts = TableOptions { limits, receipts: cfg.receipts_per_shard, cache_msgs, latencies: cfg.metrics };
+        let topts = TableOptions {
+            limits,
+            receipts: cfg.receipts_per_shard,
+            cache_msgs,
+            latencies: cfg.metrics,
+            clock_seqs: self.fleet.is_shared(),
+        };
         (sopts, topts)
     }
 

@@ -24,7 +24,7 @@ fn options(cache_msgs: usize) -> (StoreOptions, TableOptions) {
     let limits = QueueLimits { window: 64, max_msgs: u32::MAX, max_bytes: u64::MAX };
     (
         StoreOptions { segment_bytes: SEGMENT, max_bytes: u64::MAX },
-        TableOptions { limits, receipts: 1024, cache_msgs, latencies: false },
+        TableOptions { limits, receipts: 1024, cache_msgs, latencies: false, clock_seqs: false },
     )
 }
 

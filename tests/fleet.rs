@@ -247,6 +247,12 @@ fn a_box_that_joins_a_fleet_hands_messages_stored_for_devices_now_elsewhere_to_t
     let alone = Server::launch_on(tempfile::tempdir().unwrap(), 1, "", [&l[0], &l[1], &l[2]]).ready();
     run(|| async {
         let mut app = alone.app().await;
+        // The device was served here before: it processed seq 1 of this box.
+        let mut dev = alone.device(&dev_b).await;
+        assert!(matches!(app.push(PushTarget::Device(&dev_b), 0, b"before").await.unwrap(), PushOutcome::Accepted(_)));
+        let m = message(&mut dev).await;
+        dev.ack(m.seq).await.unwrap();
+        dev.close().await.unwrap();
         for (dev, n) in [(&dev_b, 3), (&dev_a, 1)] {
             for i in 0..n {
                 let out = app.push(PushTarget::Device(dev), 3600, format!("m{i}").as_bytes()).await.unwrap();
@@ -272,10 +278,16 @@ fn a_box_that_joins_a_fleet_hands_messages_stored_for_devices_now_elsewhere_to_t
     }
     assert_eq!(metric_sum(a.http, "ringpush_queued_messages{"), 1.0, "a keeps only its own device's message");
     run(|| async {
-        let mut dev = b.device(&dev_b).await;
+        // It comes to b saying it processed seq 1 of a's numbering (a box alone counts
+        // from 1): b, a node of a fleet, numbers from the clock, above it, so the claim
+        // acks none of what b holds.
+        let mut dev = DeviceClient::connect(b.device, APP, &dev_b, token_for(&dev_b, 3600), 1).await.unwrap();
+        let mut last = 1;
         for want in ["m0", "m1", "m2"] {
             let m = message(&mut dev).await;
             assert_eq!(m.payload, want.as_bytes());
+            assert!(m.seq > last, "seq {} after {last}", m.seq);
+            last = m.seq;
             assert!(m.expiry_ms > ringpush::client::unix_ms() + 3_000_000, "the TTL travels with the message");
         }
         quiet(&mut dev, Duration::from_millis(200)).await;

@@ -276,7 +276,8 @@ fn readyz_says_recovering_until_the_store_is_rebuilt() {
     std::fs::create_dir_all(data.join("store")).unwrap();
     std::fs::write(data.join("store/LAYOUT"), "shards = 2\n").unwrap();
     let limits = ringpush::devices::QueueLimits { window: 64, max_msgs: 100_000, max_bytes: 1 << 30 };
-    let opts = ringpush::devices::TableOptions { limits, receipts: 16, cache_msgs: 0, latencies: false };
+    let opts =
+        ringpush::devices::TableOptions { limits, receipts: 16, cache_msgs: 0, latencies: false, clock_seqs: false };
     let now = ringpush::client::unix_ms();
     for shard in 0..2 {
         let sopts = ringpush::store::StoreOptions { segment_bytes: 64 << 20, max_bytes: u64::MAX };
