@@ -1174,10 +1174,14 @@ impl DeviceTable {
         push_id: u64,
         expiry_ms: u64,
         payload: &[u8],
+        now_ms: u64,
         now_us: u64,
     ) -> Result<u64, ErrorCode> {
         let log = &self.logs[app as usize];
-        let (bseq, n) = (log.next_bseq, log.devices);
+        let n = log.devices;
+        // Clock numbering (fleets): a device that processed another node's broadcasts
+        // up to some seq must not take this node's later ones for processed.
+        let bseq = if self.clock_seqs { log.next_bseq.max(clock_seq(now_ms)) } else { log.next_bseq };
         // A broadcast that reaches nobody here still gets a receipt (all zero).
         let (receipt, c) = self.receipts.add(push_id);
         c.targeted += n;
@@ -1198,7 +1202,7 @@ impl DeviceTable {
         };
         self.store_ok();
         let log = &mut self.logs[app as usize];
-        log.next_bseq += 1;
+        log.next_bseq = bseq + 1;
         log.entries.push_back(BEntry {
             bseq,
             push_id,
@@ -1870,6 +1874,13 @@ mod tests {
         let first = clock_seq(NOW);
         assert_eq!((a.pending, a.acked), (2, first - 1));
         assert_eq!(fill_at(&mut t, a.device, NOW), [(false, first, "m1".into()), (false, first + 1, "m2".into())]);
+        // Broadcasts too: the device's stated cursor from another node (7) does not
+        // cover this node's.
+        t.broadcast(0, 60, NOW + 10_000, b"all", NOW, 0).unwrap();
+        t.detach(a.device, 1, NOW);
+        let again = t.attach(0, "moved", first + 1, 7, 3, NOW, 0);
+        assert!(again.cursor < first, "the stated 7 acks nothing here: {}", again.cursor);
+        assert_eq!(fill_at(&mut t, again.device, NOW), [(true, first, "all".into())]);
         // A device that first connects numbers from the clock as well.
         let b = attach(&mut t, "fresh", 0, 2);
         assert_eq!(t.enqueue(b.device, 3, NOW + 10_000, b"x", 0), Ok(Some(2)));
@@ -1991,7 +2002,7 @@ mod tests {
         push(&mut t, "offline", 5, NOW + 100, "u").unwrap();
         t.attach(1, "other-app", 0, 0, 3, NOW, 0);
         let appends = t.store.stats.appends;
-        assert_eq!(t.broadcast(0, 77, NOW + 1000, b"all", 0), Ok(3));
+        assert_eq!(t.broadcast(0, 77, NOW + 1000, b"all", NOW, 0), Ok(3));
         assert_eq!(t.store.stats.appends, appends + 1, "one record for the whole app");
         let mut wake: Vec<usize> = t.app_sessions(0).collect();
         wake.sort();
@@ -2019,7 +2030,7 @@ mod tests {
         let mut t = open(dir.path());
         push(&mut t, "x", 1, NOW + 100_000, "u").unwrap();
         push(&mut t, "y", 2, NOW + 100_000, "u").unwrap();
-        t.broadcast(0, 9, NOW + 1_000, b"b", 0).unwrap();
+        t.broadcast(0, 9, NOW + 1_000, b"b", NOW, 0).unwrap();
         t.expire(NOW + 1_500);
         assert_eq!(t.receipt(9).unwrap(), Counts { targeted: 2, delivered: 0, stored: 0, expired: 2 });
         let x = attach(&mut t, "x", 0, 1).device;
@@ -2037,7 +2048,7 @@ mod tests {
         fill_at(&mut t, k, NOW);
         t.on_ack(k, 2, 0, 0);
         push(&mut t, "off", 60, NOW + 60_000, "offline one").unwrap();
-        t.broadcast(0, 50, NOW + 60_000, b"hello all", 0).unwrap();
+        t.broadcast(0, 50, NOW + 60_000, b"hello all", NOW, 0).unwrap();
         t.store.flush_now().unwrap();
         drop(t);
 
@@ -2058,7 +2069,7 @@ mod tests {
         let mut t = open(dir.path());
         let a = attach(&mut t, "d", 0, 1);
         assert_eq!((a.acked, a.cursor), (4, 1));
-        t.broadcast(0, 51, NOW + 60_000, b"again", 0).unwrap();
+        t.broadcast(0, 51, NOW + 60_000, b"again", NOW, 0).unwrap();
         assert_eq!(fill_at(&mut t, a.device, NOW)[1], (true, 2, "again".into()));
     }
 

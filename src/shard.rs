@@ -422,7 +422,7 @@ impl ShardCore {
         let mut wake = |key: usize| due.kick(sessions, key);
         let result = match &p.targets {
             Targets::App => {
-                let n = table.broadcast(p.app, p.push_id, p.expiry_ms, &p.payload, now_us);
+                let n = table.broadcast(p.app, p.push_id, p.expiry_ms, &p.payload, now_ms, now_us);
                 if n.is_ok() {
                     table.app_sessions(p.app).for_each(&mut wake);
                 }
