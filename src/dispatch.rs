@@ -141,8 +141,8 @@ impl Fleet {
 
 /// One node's health as probes and reports have seen it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NodeHealth {
-    pub up: bool,
+struct NodeHealth {
+    up: bool,
     /// Results in a row that disagree with `up` (failures while up, successes while down).
     streak: u32,
     /// When the last device report counted against it (ms, shard clock).
@@ -185,10 +185,6 @@ impl Health {
 
     pub fn is_up(&self, node: usize) -> bool {
         self.nodes[node].up
-    }
-
-    pub fn node(&self, node: usize) -> NodeHealth {
-        self.nodes[node]
     }
 
     /// Records a probe result; returns the new state when it changed.
