@@ -341,12 +341,17 @@ pub async fn probe(addr: SocketAddr, limit: Duration) -> bool {
     glommio::timer::timeout(limit, attempt).await.unwrap_or(false)
 }
 
-/// Looks for stored messages of devices another node owns, and hands them over, every
-/// `5 × probe_interval` until the shard stops (each shard, for its own partition).
+/// Hands over the stored messages of devices another node owns, a round every
+/// `5 × probe_interval`, until none is left or the shard stops (each shard, for its own
+/// partition). Only a start with a changed `[fleet]` leaves any: the running box refuses
+/// pushes for other nodes' devices, so once they are gone the device slab is not
+/// scanned again.
 pub async fn hand_over(core: std::rc::Rc<crate::shard::ShardCore>) {
     let every = core.cfg().fleet.probe_interval * 5;
     while !core.draining.get() && !core.shutdown_requested() {
-        hand_over_round(&core).await;
+        if hand_over_round(&core).await.is_none() {
+            return;
+        }
         glommio::timer::sleep(every).await;
     }
 }
@@ -363,11 +368,15 @@ async fn within<T, E: std::fmt::Display>(f: impl std::future::Future<Output = Re
 
 /// One hand-over round: each device's messages go, oldest first, to its node as pushes
 /// of its app, and are released here as that node accepts them. A node that cannot be
-/// reached, or refuses, keeps them here for the next round. Returns how many moved.
-pub async fn hand_over_round(core: &crate::shard::ShardCore) -> u64 {
+/// reached, or refuses, keeps them here for the next round. Returns how many moved, or
+/// `None` when no device had any waiting.
+pub async fn hand_over_round(core: &crate::shard::ShardCore) -> Option<u64> {
     use crate::client::{AppClient, PushOutcome, PushTarget};
     let fleet = &core.shared.fleet;
     let keys = core.state.borrow().table.waiting_elsewhere(|a, d| fleet.elsewhere(a, d).is_none());
+    if keys.is_empty() {
+        return None;
+    }
     // (node, app) → devices, so each group shares one connection.
     let mut groups: std::collections::BTreeMap<(usize, u16), Vec<(usize, String)>> = Default::default();
     for key in keys {
@@ -424,7 +433,7 @@ pub async fn hand_over_round(core: &crate::shard::ShardCore) -> u64 {
     if moved > 0 {
         tracing::info!(shard = core.id, messages = moved, "handed stored messages over to their devices' nodes");
     }
-    moved
+    Some(moved)
 }
 
 /// The fleet's lines for `/metrics`.
